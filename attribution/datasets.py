@@ -1,0 +1,235 @@
+"""Dataset registry: train set S (n points) and held-out set, as float32/int64 tensors.
+
+Every dataset carries a content fingerprint (sha256 over its arrays and split) that the
+attribution store records, so a store can never be reused with other data.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from .errors import DmmError
+
+
+class DatasetError(DmmError):
+    """A dataset name or file that cannot be loaded; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    fingerprint: str
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_points(self) -> int:
+        """All evaluation points: train points first, then held-out points."""
+        return len(self.y_train) + len(self.y_test)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def all_inputs(self) -> torch.Tensor:
+        return torch.cat([self.x_train, self.x_test])
+
+    def all_labels(self) -> torch.Tensor:
+        return torch.cat([self.y_train, self.y_test])
+
+
+def fingerprint_arrays(x_train, y_train, x_test, y_test) -> str:
+    """sha256 over shapes, dtypes and bytes of the four arrays (the split is part of it)."""
+    h = hashlib.sha256()
+    for part, arr in zip(("x_train", "y_train", "x_test", "y_test"), (x_train, y_train, x_test, y_test)):
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{part}:{arr.dtype.str}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
+    try:
+        x_train, x_test = (np.asarray(a, dtype=np.float32) for a in (x_train, x_test))
+        y_train, y_test = (np.asarray(a, dtype=np.int64) for a in (y_train, y_test))
+    except (ValueError, TypeError) as e:
+        raise DatasetError(f"{name}: arrays are not numeric ({type(e).__name__}); give numeric inputs "
+                           "and integer labels") from None
+    if x_train.ndim < 2 or x_test.ndim < 2:
+        raise DatasetError(f"{name}: inputs must be (points, features...) arrays; add a feature axis")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise DatasetError(f"{name}: inputs and labels differ in length; give one label per input")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DatasetError(f"{name}: train and test inputs differ in shape; give both the same per-point shape")
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise DatasetError(f"{name}: empty train or test split; give at least one point in each")
+    for part, arr in (("x_train", x_train), ("x_test", x_test)):
+        if not np.isfinite(arr).all():
+            raise DatasetError(f"{name}: {part} has NaN or infinite values; clean the inputs")
+    labels = np.concatenate([y_train, y_test])
+    if labels.min() < 0:
+        raise DatasetError(f"{name}: negative labels; use class ids 0..k-1")
+    k = int(num_classes if num_classes is not None else labels.max() + 1)
+    if labels.max() >= k:
+        raise DatasetError(f"{name}: label {labels.max()} >= num_classes {k}; use class ids 0..k-1")
+    return Dataset(
+        name=name,
+        x_train=torch.from_numpy(x_train),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
+        num_classes=k,
+        fingerprint=fingerprint_arrays(x_train, y_train, x_test, y_test),
+    )
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn digits (1797 8×8 images), stratified 80/20 split with a fixed seed, pixels / 16."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, stratify=y, random_state=0)
+    return make_dataset("digits", x_tr, y_tr, x_te, y_te, num_classes=10)
+
+
+def load_mnist1d_dataset() -> Dataset:
+    """mnist1d generated offline with the package's default arguments (4000 train / 1000 test)."""
+    import contextlib
+    import io
+
+    from mnist1d.data import get_dataset_args, make_dataset as make_mnist1d
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = make_mnist1d(get_dataset_args())
+    return make_dataset("mnist1d", data["x"], data["y"], data["x_test"], data["y_test"], num_classes=10)
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cifar10_archive(root: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5) -> Path:
+    """The official python-format archive under root, downloaded once and checksum-verified."""
+    path = root / "cifar-10-python.tar.gz"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except (OSError, ValueError) as e:  # URLError is an OSError
+            tmp.unlink(missing_ok=True)
+            raise DatasetError(f"cifar10: cannot download {url} ({type(e).__name__}); check the connection "
+                               f"or place cifar-10-python.tar.gz in {root}") from None
+        tmp.replace(path)
+    if md5 is not None and _file_md5(path) != md5:
+        raise DatasetError(f"cifar10: {path} fails its md5 check; delete it and download again")
+    return path
+
+
+def read_cifar10_archive(path: Path) -> Dataset:
+    """Parse the python-format archive (data_batch_1..5, test_batch; pickled dicts of uint8 rows)."""
+    def batch(tar, member):
+        try:
+            d = pickle.load(tar.extractfile(member), encoding="bytes")
+            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            return x, np.asarray(d[b"labels"], dtype=np.int64)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a malformed archive
+            raise DatasetError(f"cifar10: {member.name} in {path} is malformed ({type(e).__name__}); "
+                               "use the official cifar-10-python.tar.gz") from None
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DatasetError(f"cifar10: {path} lacks {', '.join(missing)}; use the official "
+                                   "cifar-10-python.tar.gz")
+            parts = [batch(tar, members[n]) for n in names]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DatasetError(f"cifar10: cannot read {path} ({e}); use the official cifar-10-python.tar.gz") from None
+    x_tr = np.concatenate([p[0] for p in parts[:5]])
+    y_tr = np.concatenate([p[1] for p in parts[:5]])
+    x_te, y_te = parts[5]
+
+    def normalise(x):
+        return (x.astype(np.float32) / 255.0 - CIFAR10_MEAN[:, None, None]) / CIFAR10_STD[:, None, None]
+
+    return make_dataset("cifar10", normalise(x_tr), y_tr, normalise(x_te), y_te, num_classes=10)
+
+
+def load_cifar10_dataset() -> Dataset:
+    root = Path(os.environ.get("DMM_DATA", Path.home() / ".cache" / "dmm-pipeline"))
+    return read_cifar10_archive(cifar10_archive(root))
+
+
+def load_npz_dataset(path: str) -> Dataset:
+    """User arrays in an .npz file with keys x_train, y_train, x_test, y_test."""
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DatasetError(f"npz:{path} is a single array, not an .npz archive; save x_train, "
+                               "y_train, x_test, y_test with numpy.savez")
+        with f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise DatasetError(f"npz:{path} lacks {', '.join(missing)}; save x_train, y_train, x_test, y_test")
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except DatasetError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"npz:{path} cannot be read ({e}); give an .npz written by numpy.savez") from None
+    for k in ("y_train", "y_test"):
+        y = arrays[k]
+        if y.ndim != 1 or y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0)):
+            raise DatasetError(f"npz:{path}: {k} must be a 1-D array of integer class ids")
+    return make_dataset(f"npz:{path}", **arrays)
+
+
+DATASETS = {
+    "digits": load_digits_dataset,
+    "mnist1d": load_mnist1d_dataset,
+    "cifar10": load_cifar10_dataset,
+}
+
+
+DEFAULT_DATASET = "digits"
+
+
+def load_dataset(name: str = DEFAULT_DATASET) -> Dataset:
+    """`digits` (default), `mnist1d`, `cifar10`, or `npz:PATH`. Treat the tensors as read-only."""
+    if name.startswith("npz:"):
+        return load_npz_dataset(name[4:])
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or npz:PATH")
+    return _load_registered(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_registered(name: str) -> Dataset:
+    return DATASETS[name]()

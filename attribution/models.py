@@ -1,0 +1,122 @@
+"""Model registry: `mlp`, `cnn1d`, `resnet9`, or `module:callable` for a user factory.
+
+A factory takes (input_shape, num_classes) and returns an `nn.Module` mapping a batch of inputs to
+k logits. Initialisation is seeded by the caller (`build_model(..., seed=s)`), so a seed fixes θ's init.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+from .errors import DmmError
+
+
+class ModelError(DmmError):
+    """An unknown or unusable model name; the message names the fix."""
+
+
+def mlp(input_shape, num_classes, hidden=(32,)) -> nn.Module:
+    """Fully connected ReLU network on flattened inputs (digits, mnist1d)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = int(torch.tensor(input_shape).prod())
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn1d(input_shape, num_classes, channels=32) -> nn.Module:
+    """Small 1-D CNN for mnist1d (3 strided convolutions, no normalisation so it batches with vmap)."""
+    length = int(input_shape[-1])
+    out_len = length
+    for _ in range(3):
+        out_len = (out_len + 2 * 1 - 3) // 2 + 1
+    return nn.Sequential(
+        nn.Unflatten(1, (1, length)),
+        nn.Conv1d(1, channels, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(channels * out_len, num_classes),
+    )
+
+
+class Residual(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return x + self.module(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def _conv_bn(c_in, c_out, kernel_size=3, stride=1, padding=1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def resnet9(input_shape, num_classes) -> nn.Module:
+    """The CIFAR-10 ResNet-9 of the datamodels/TRAK/KLoM papers (ffcv example architecture)."""
+    c = int(input_shape[0])
+    return nn.Sequential(
+        _conv_bn(c, 64),
+        _conv_bn(64, 128, kernel_size=5, stride=2, padding=2),
+        Residual(nn.Sequential(_conv_bn(128, 128), _conv_bn(128, 128))),
+        _conv_bn(128, 256),
+        nn.MaxPool2d(2),
+        Residual(nn.Sequential(_conv_bn(256, 256), _conv_bn(256, 256))),
+        _conv_bn(256, 128, padding=0),
+        nn.AdaptiveMaxPool2d((1, 1)),
+        nn.Flatten(),
+        nn.Linear(128, num_classes, bias=False),
+        Scale(0.2),
+    )
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn1d": cnn1d, "resnet9": resnet9}
+DEFAULT_MODEL = {"digits": "mlp", "mnist1d": "cnn1d", "cifar10": "resnet9"}
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    if name in MODELS:
+        return MODELS[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ModelError(f"cannot load model factory {name!r} ({e}); give an importable module:callable") from None
+        if not callable(factory):
+            raise ModelError(f"{name!r} is not callable; give a function (input_shape, num_classes) -> nn.Module")
+        return factory
+    raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or module:callable")
+
+
+def build_model(name: str, input_shape, num_classes: int, seed: int) -> nn.Module:
+    """Instantiate model `name` with its initialisation drawn from `seed` (global RNG left untouched)."""
+    factory = resolve_factory(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(tuple(input_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {name!r} returned {type(model).__name__}; return a torch.nn.Module")
+    return model
+
+
+def default_model(dataset_name: str) -> str:
+    return DEFAULT_MODEL.get(dataset_name, "mlp")

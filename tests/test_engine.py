@@ -1,0 +1,189 @@
+"""The one-model trainer and the model-batched engine: same recipe semantics, masks respected."""
+import math
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attribution.datasets import load_dataset
+from attribution.engine import TrainingError, derive_seeds, train_batched, train_model
+from attribution.evaluation import accuracy, margins, model_logits
+from attribution.recipes import Recipe, RecipeError, default_recipe
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def short(recipe: Recipe, epochs=3) -> Recipe:
+    peak = min(recipe.peak_epoch, epochs / 2)
+    return replace(recipe, epochs=epochs, peak_epoch=peak)
+
+
+def unequal_masks(n, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((len(sizes), n), dtype=bool)
+    for row, size in zip(masks, sizes):
+        row[rng.choice(n, size, replace=False)] = True
+    return masks
+
+
+def max_param_diff(model: nn.Module, state: dict, b: int) -> float:
+    return max((v - state[k][b]).abs().max().item() for k, v in model.state_dict().items())
+
+
+RECIPES = {
+    "sgd-nesterov-onecycle": default_recipe("digits"),
+    "sgd-plain-constant": Recipe(epochs=3, batch_size=50, optimizer="sgd", lr=0.05, momentum=0.0,
+                                 nesterov=False, weight_decay=1e-3, schedule="constant"),
+    "adam-cosine-smoothing": Recipe(epochs=3, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=1e-4,
+                                    schedule="cosine", label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_batched_equals_one_model_trainer(digits, name):
+    recipe = short(RECIPES[name])
+    masks = unequal_masks(digits.n_train, [700, 300, 1437, 64 * 5 + 1])  # unequal, incl. a 1-point last batch
+    seeds = [11, 12, 13, 14]
+    result = train_batched("mlp", digits, recipe, seeds, masks)
+    for b, (seed, mask) in enumerate(zip(seeds, masks)):
+        model = train_model("mlp", digits, recipe, seed, mask)
+        assert max_param_diff(model, result.state, b) < 1e-4
+        expected = model_logits(model, digits.all_inputs())
+        assert torch.allclose(result.logits[b], expected, atol=1e-4)
+
+
+def test_batched_equals_one_model_for_a_cnn(digits):
+    recipe = short(default_recipe("digits"), epochs=2)
+    masks = unequal_masks(digits.n_train, [400, 900])
+    result = train_batched("cnn1d", digits, recipe, [3, 4], masks)
+    for b, (seed, mask) in enumerate(zip([3, 4], masks)):
+        assert max_param_diff(train_model("cnn1d", digits, recipe, seed, mask), result.state, b) < 1e-4
+
+
+def test_no_gradient_from_points_outside_the_mask(digits):
+    masks = unequal_masks(digits.n_train, [500, 700], seed=3)
+    excluded = ~masks.any(0)
+    x_train = digits.x_train.clone()
+    x_train[torch.from_numpy(excluded)] = float("nan")
+    # make_dataset refuses NaN inputs (rightly), so build the poisoned dataset by hand
+    poisoned = replace(digits, x_train=x_train)
+    recipe = short(default_recipe("digits"))
+    result = train_batched("mlp", poisoned, recipe, [0, 1], masks)
+    for v in result.state.values():
+        assert torch.isfinite(v).all()
+    clean = train_batched("mlp", digits, recipe, [0, 1], masks)
+    for k in clean.state:
+        assert torch.equal(clean.state[k], result.state[k])
+    one = train_model("mlp", poisoned, recipe, 0, masks[0])
+    assert all(torch.isfinite(p).all() for p in one.parameters())
+
+
+def test_labels_outside_the_mask_do_not_matter(digits):
+    mask = unequal_masks(digits.n_train, [600], seed=5)[0]
+    relabelled = digits.y_train.clone()
+    relabelled[torch.from_numpy(~mask)] = (relabelled[torch.from_numpy(~mask)] + 1) % 10
+    other = replace(digits, y_train=relabelled)
+    recipe = short(default_recipe("digits"))
+    a = train_model("mlp", digits, recipe, 7, mask).state_dict()
+    b = train_model("mlp", other, recipe, 7, mask).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_digits_mlp_reaches_95_percent(digits):
+    model = train_model("mlp", digits, default_recipe("digits"), seed=0)
+    assert accuracy(model_logits(model, digits.x_test), digits.y_test) >= 0.95
+
+
+def test_same_seed_same_bytes_other_seed_other_model(digits):
+    recipe = short(default_recipe("digits"))
+    a = train_model("mlp", digits, recipe, 5).state_dict()
+    b = train_model("mlp", digits, recipe, 5).state_dict()
+    c = train_model("mlp", digits, recipe, 6).state_dict()
+    assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    masks = unequal_masks(digits.n_train, [700, 700])
+    r1 = train_batched("mlp", digits, recipe, [1, 2], masks)
+    r2 = train_batched("mlp", digits, recipe, [1, 2], masks)
+    assert r1.logits.numpy().tobytes() == r2.logits.numpy().tobytes()
+
+
+def test_global_rng_is_left_alone(digits):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_model("mlp", digits, short(default_recipe("digits"), 1), seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def bn_mlp(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, num_classes))
+
+
+def test_batchnorm_falls_back_to_one_model_path_and_says_so_once(digits):
+    recipe = short(default_recipe("digits"), 2)
+    masks = unequal_masks(digits.n_train, [300, 500])
+    name = "test_engine:bn_mlp"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_batched(name, digits, recipe, [0, 1], masks)
+        train_batched(name, digits, recipe, [0, 1], masks)
+    fallback = [w for w in caught if "BatchNorm" in str(w.message)]
+    assert len(fallback) == 1
+    model = train_model(name, digits, recipe, 1, masks[1])
+    assert max_param_diff(model, result.state, 1) == 0
+    assert "2.running_mean" in result.state
+
+
+def test_bad_masks_and_seeds_are_refused(digits):
+    recipe = short(default_recipe("digits"), 1)
+    with pytest.raises(TrainingError, match="boolean vector"):
+        train_model("mlp", digits, recipe, 0, np.ones(10, dtype=bool))
+    with pytest.raises(TrainingError, match="no training point"):
+        train_model("mlp", digits, recipe, 0, np.zeros(digits.n_train, dtype=bool))
+    with pytest.raises(TrainingError, match="one seed per row"):
+        train_batched("mlp", digits, recipe, [0], np.ones((2, digits.n_train), dtype=bool))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"optimizer": "rmsprop"}, "unknown optimizer"),
+    ({"schedule": "step"}, "unknown schedule"),
+    ({"epochs": 0}, "epochs"),
+    ({"lr": -1.0}, "lr > 0"),
+    ({"peak_epoch": 30}, "peak_epoch"),
+])
+def test_bad_recipes_are_refused(changes, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe(**{**Recipe().to_dict(), **changes})
+
+
+def test_schedules_by_hand():
+    one = Recipe(epochs=4, peak_epoch=1, schedule="onecycle")
+    assert [one.lr_factor(t, 8) for t in range(9)] == [0, 0.5, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0]
+    cos = Recipe(schedule="cosine")
+    assert cos.lr_factor(0, 10) == 1 and abs(cos.lr_factor(5, 10) - 0.5) < 1e-12
+    assert Recipe(schedule="constant").lr_factor(7, 10) == 1
+    assert Recipe.from_dict(one.to_dict()) == one
+
+
+def test_derived_seeds_differ_and_are_stable():
+    assert derive_seeds(3) == derive_seeds(3) and derive_seeds(3) != derive_seeds(4)
+    init, order = derive_seeds(3)
+    assert init != order
+
+
+def test_margins_and_accuracy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    expected = torch.tensor([2 - math.log(2), 1 - math.log(1 + math.exp(3))])
+    assert torch.allclose(margins(logits, labels), expected)
+    batched = margins(torch.stack([logits, logits]), labels)
+    assert batched.shape == (2, 2) and torch.allclose(batched[1], expected)
+    assert accuracy(logits, labels) == 0.5
+    assert accuracy(logits, labels, [0]) == 1.0 and accuracy(logits, labels, [1]) == 0.0

@@ -109,27 +109,28 @@ def _warn_fallback_once(model_name: str) -> None:
 def _batch_plan(masks: torch.Tensor, order_seeds, recipe: Recipe):
     """Index and weight tensors (epochs, steps, B, batch) padding every model to the longest epoch.
 
-    Padded slots repeat an index the model owns and carry weight 0, so no model ever touches a
-    point outside its subset. Also returns the per-model lr factor table (epochs, steps, B), 0 where
-    a model has no step.
+    Padded slots repeat an index of the model's own batch and carry weight 0, so no model ever
+    touches a point outside its subset. Also returns the per-model lr factor table (epochs, steps, B)
+    and the (epochs, steps, B) table of models that take a step.
     """
-    per_model = [epoch_batches(m.nonzero().squeeze(1), recipe, s) for m, s in zip(masks, order_seeds)]
-    num_models, bs, epochs = len(per_model), recipe.batch_size, recipe.epochs
-    steps = max(len(e[0]) for e in per_model)
-    index = torch.zeros(epochs, steps, num_models, bs, dtype=torch.long)
-    weight = torch.zeros(epochs, steps, num_models, bs)
-    lr_factor = torch.zeros(epochs, steps, num_models, dtype=torch.float64)
-    for b, model_epochs in enumerate(per_model):
-        total = sum(len(e) for e in model_epochs)
-        t = 0
-        for e, batches in enumerate(model_epochs):
-            for s, idx in enumerate(batches):
-                index[e, s, b, : len(idx)] = idx
-                index[e, s, b, len(idx):] = idx[0]
-                weight[e, s, b, : len(idx)] = 1.0
-                lr_factor[e, s, b] = recipe.lr_factor(t, total)
-                t += 1
-    active = weight[..., 0] > 0
+    bs, epochs = recipe.batch_size, recipe.epochs
+    sizes = masks.sum(1)
+    steps = int(-(-sizes.max().item() // bs))
+    index = torch.zeros(epochs, steps, len(masks), bs, dtype=torch.long)
+    for b, (mask, seed) in enumerate(zip(masks, order_seeds)):
+        for e, batches in enumerate(epoch_batches(mask.nonzero().squeeze(1), recipe, seed)):
+            perm = torch.cat(batches)
+            last = len(batches) - 1
+            padded = torch.cat([perm, perm[last * bs].expand(steps * bs - len(perm))])
+            index[e, :, b] = padded.view(steps, bs)
+    slot = torch.arange(steps * bs).view(steps, bs)
+    weight = (slot < sizes.view(-1, 1, 1)).float().permute(1, 0, 2).expand(epochs, -1, -1, -1)
+    steps_per_epoch = -(-sizes // bs)
+    active = (torch.arange(steps).view(-1, 1) < steps_per_epoch).expand(epochs, -1, -1)
+    t = torch.arange(epochs).view(-1, 1, 1) * steps_per_epoch + torch.arange(steps).view(1, -1, 1)
+    total = (epochs * steps_per_epoch).expand_as(t)
+    lr_factor = torch.tensor([recipe.lr_factor(int(a), int(b)) for a, b in zip(t.flatten(), total.flatten())],
+                             dtype=torch.float64).view(t.shape) * active
     return index, weight, lr_factor, active
 
 
@@ -150,26 +151,32 @@ class StackedOptimizer:
     def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
         r = self.recipe
         self.steps += active
+        all_active = bool(active.all())
         for i, p in enumerate(self.params):
             shape = (-1,) + (1,) * (p.dim() - 1)
-            a, lr_b = active.view(shape), lr.view(shape).to(p.dtype)
-            g = p.grad if r.weight_decay == 0 else p.grad + r.weight_decay * p
+            state = [p, self.buf[i]] + ([self.sq[i]] if self.sq is not None else [])
+            saved = None if all_active else [t.clone() for t in state]
+            g = p.grad
+            if r.weight_decay:
+                g.add_(p, alpha=r.weight_decay)
+            lr_b = lr.view(shape).to(p.dtype)
             if r.optimizer == "sgd":
                 if r.momentum > 0:
-                    buf = torch.where(a, r.momentum * self.buf[i] + g, self.buf[i])
-                    self.buf[i] = buf
-                    g = g + r.momentum * buf if r.nesterov else buf
-                update = lr_b * g
+                    self.buf[i].mul_(r.momentum).add_(g)
+                    g = g.add_(self.buf[i], alpha=r.momentum) if r.nesterov else self.buf[i]
+                p.sub_(lr_b * g)
             else:
                 b1, b2 = r.betas
-                m = torch.where(a, self.buf[i].lerp(g, 1 - b1), self.buf[i])
-                v = torch.where(a, self.sq[i] * b2 + (1 - b2) * g * g, self.sq[i])
-                self.buf[i], self.sq[i] = m, v
+                self.buf[i].lerp_(g, 1 - b1)
+                self.sq[i].mul_(b2).addcmul_(g, g, value=1 - b2)
                 t = self.steps.clamp(min=1)
                 bc1 = (1 - b1 ** t).view(shape).to(p.dtype)
                 bc2_sqrt = (1 - b2 ** t).sqrt().view(shape).to(p.dtype)
-                update = (lr_b / bc1) * m / (v.sqrt() / bc2_sqrt + r.eps)
-            p.sub_(torch.where(a, update, torch.zeros_like(update)))
+                p.sub_((lr_b / bc1) * self.buf[i] / (self.sq[i].sqrt() / bc2_sqrt + r.eps))
+            if saved is not None:  # models without a batch at this step keep parameters and state
+                a = active.view(shape)
+                for current, old in zip(state, saved):
+                    current.copy_(torch.where(a, current, old))
             p.grad = None
 
 
@@ -204,7 +211,7 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
         return BatchedResult(state, logits)
 
     params, buffers = stack_module_state(models)
-    params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
+    params = {k: v.detach().to(device).requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
     base = models[0].to("meta")
     index, weight, lr_factor, active = _batch_plan(masks, [o for _, o in derived], recipe)

@@ -98,6 +98,8 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "chosen L1 strength λ per regression (NaN = not fitted)"),
     ("`datamodels/lds`", "p × k", "float32", "target_chunk × k",
      "linear datamodeling score per target/class (NaN = not measured)"),
+    ("`datamodels/lds_margin`", "p", "float32", "target_chunk",
+     "linear datamodeling score of the margin of target x (NaN = not measured)"),
     ("`datamodels/done`", "⌈p / target_chunk⌉", "bool", "1",
      "target chunk c fitted (set after weight/bias/lam/lds)"),
     ("`trak/*`", "as `datamodels/*`", "as `datamodels/*`", "as `datamodels/*`",
@@ -744,6 +746,7 @@ class AttributionStore:
             ("bias", (s.n_points, k), (tc, k), 0.0, "intercept per (x, c)"),
             ("lam", (s.n_points, k), (tc, k), nan, "L1 strength per (x, c)"),
             ("lds", (s.n_points, k), (tc, k), nan, "linear datamodeling score per (x, c)"),
+            ("lds_margin", (s.n_points,), (tc,), nan, "linear datamodeling score of the margin of x"),
         ):
             g.create_array(
                 name, shape=shape, chunks=chunks, dtype="float32", fill_value=fill,
@@ -833,6 +836,7 @@ class FitGroup:
         self.bias = store.zarr_array(f"{prefix}/bias")
         self.lam = store.zarr_array(f"{prefix}/lam")
         self.lds = store.zarr_array(f"{prefix}/lds")
+        self.lds_margin = store.zarr_array(f"{prefix}/lds_margin")
         self.done = store.zarr_array(f"{prefix}/done")
         self.num_chunks = self.done.shape[0]
 
@@ -862,8 +866,9 @@ class FitGroup:
         bias: np.ndarray,
         lam: np.ndarray | None = None,
         lds: np.ndarray | None = None,
+        lds_margin: np.ndarray | None = None,
     ) -> None:
-        """Write target chunk ``chunk``: weight (n_train × t × k), bias/lam/lds (t × k); marker last."""
+        """Write target chunk ``chunk``: weight (n_train × t × k), bias/lam/lds (t × k), lds_margin (t,); marker last."""
         self.store._require_writable()
         sl = self.target_slice(chunk)
         s = self.store.spec
@@ -872,6 +877,8 @@ class FitGroup:
         for name, val in (("bias", bias), ("lam", lam), ("lds", lds)):
             if val is not None:
                 arrays[name] = (val, (t, k))
+        if lds_margin is not None:
+            arrays["lds_margin"] = (lds_margin, (t,))
         for name, (val, shape) in arrays.items():
             val = np.asarray(val)
             if val.shape != shape:
@@ -881,7 +888,7 @@ class FitGroup:
                 )
             arrays[name] = (val.astype(np.float32, copy=False), shape)
         self.weight[:, sl, :] = arrays["weight"][0]
-        for name in ("bias", "lam", "lds"):
+        for name in ("bias", "lam", "lds", "lds_margin"):
             if name in arrays:
                 getattr(self, name)[sl] = arrays[name][0]
         self.done[chunk : chunk + 1] = np.ones(1, dtype=bool)

@@ -1,4 +1,4 @@
-"""`dmm train`, `dmm predict` and `dmm demo`: one model at a time."""
+"""`dmm train` and `dmm predict`: one model at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,16 +45,6 @@ def predict_cmd(args) -> int:
     return 0
 
 
-def demo_cmd(args) -> int:
-    data = load_dataset(DEFAULT_DATASET)
-    model_name = default_model(data.name)
-    model = train_model(model_name, data, default_recipe(data.name), seed=0)
-    acc = accuracy(model_logits(model, data.x_test), data.y_test)
-    print(f"{data.name}: {data.n_train} train / {len(data.y_test)} held-out points; {model_name} "
-          f"held-out accuracy {acc:.4f}")
-    return 0
-
-
 def register(sub) -> None:
     p = sub.add_parser("train", help="train one model with the dataset's default recipe")
     add_data_args(p)
@@ -67,6 +57,3 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model file written by `dmm train`")
     p.add_argument("--out", required=True, help="output .npy (points × k float32, train points first)")
     p.set_defaults(func=predict_cmd)
-
-    p = sub.add_parser("demo", help="the main job on the embedded default dataset")
-    p.set_defaults(func=demo_cmd)

@@ -374,7 +374,7 @@ def test_schema_table_covers_every_array(mem_url):
     table = schema_table()
     assert table.startswith("| array | shape | dtype | chunks | meaning |")
     paths = [p for p, node in st.group.members(max_depth=None) if isinstance(node, zarr.Array)]
-    assert len(paths) == 14
+    assert len(paths) == 16
     for p in paths:
         assert f"`{p}`" in table or (p.startswith("trak/") and "`trak/*`" in table), p
         assert st.zarr_array(p).attrs["fingerprint"] == st.fingerprint

@@ -1,0 +1,34 @@
+"""`dmm trak`: TRAK's estimate of β into the store's `trak/` group, calibrated on the subset models."""
+from __future__ import annotations
+
+from attribution.lds import format_summary
+from attribution.store import AttributionStore
+from attribution.trak import TrakSettings, run_trak
+
+
+def trak_cmd(args) -> int:
+    store = AttributionStore.open(args.store, mode="r+")
+    settings = TrakSettings(checkpoints=args.checkpoints, proj_dim=args.proj_dim,
+                            holdout_models=args.holdout_models, target_chunk=args.target_chunk)
+    report = run_trak(store, settings, overwrite=args.overwrite, progress=True)
+    s = report.settings
+    print(f"trak: {report.written} target chunks scored, {report.skipped} already done "
+          f"(C={s.checkpoints} checkpoints, P={s.proj_dim}); calibrated on {report.calibration_models} subset "
+          f"models; LDS on {s.holdout_models} held-out models -> {store.url}/trak")
+    for name, summary in report.lds.items():
+        print("  " + format_summary(name, summary))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("trak", help="TRAK scores for every target and class into the store (resumable)")
+    p.add_argument("--store", required=True, help="attribution store path or fsspec URL")
+    p.add_argument("--checkpoints", type=int, default=TrakSettings.checkpoints,
+                   help="models trained on the full set whose scores TRAK averages")
+    p.add_argument("--proj-dim", type=int, default=None, help="JL projection dimension (default n_train/8, in [32, 2048])")
+    p.add_argument("--holdout-models", type=int, default=TrakSettings.holdout_models,
+                   help="first subset models kept out of the calibration, for the LDS (as `dmm fit`)")
+    p.add_argument("--target-chunk", type=int, default=TrakSettings.target_chunk,
+                   help="targets per resumable chunk (scores of a chunk: n_train × chunk × k floats)")
+    p.add_argument("--overwrite", action="store_true", help="discard a trak/ group computed with other settings")
+    p.set_defaults(func=trak_cmd)

@@ -1,0 +1,72 @@
+"""Checks that a deletion request's inputs fit its store: dataset, model files and the forget set F.
+
+Every check runs before a request writes anything, and each failure is one `MatchingError` line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from attribution.checkpoint import load_model, load_state
+from attribution.datasets import Dataset, load_dataset
+from attribution.ids import read_ids
+from attribution.store import AttributionStore
+
+from .errors import MatchingError
+
+
+def store_dataset(store: AttributionStore, data: Dataset | None = None) -> Dataset:
+    """The store's dataset S (loaded by name unless given), refused if its fingerprint differs."""
+    spec = store.spec
+    data = data if data is not None else load_dataset(spec.dataset)
+    if data.fingerprint != spec.fingerprint:
+        raise MatchingError(f"store {store.url} was built for data with fingerprint {spec.fingerprint[:12]}, but "
+                            f"{data.name} has {data.fingerprint[:12]}; use the store built for this dataset")
+    return data
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def load_store_model(path: str | Path, store: AttributionStore, data: Dataset) -> tuple[nn.Module, dict]:
+    """(θ, sidecar) from `path`, refused unless it was trained for the store's data, model, k and recipe."""
+    _, meta = load_state(path)
+    spec = store.spec
+    expected = {"fingerprint": spec.fingerprint, "model": spec.model, "num_classes": spec.num_classes,
+                "recipe": spec.recipe}
+    diff = [f"{key} {_canonical(meta.get(key))[:40]} vs store {_canonical(want)[:40]}"
+            for key, want in expected.items() if _canonical(meta.get(key)) != _canonical(want)]
+    if diff:
+        raise MatchingError(f"model {path} does not match store {store.url} ({'; '.join(diff)}); give a model "
+                            "trained on the store's dataset with its model and recipe")
+    return load_model(path, data)
+
+
+def forget_set(forget_ids, store: AttributionStore) -> np.ndarray:
+    """F as sorted unique int64 training indices, from an id file (txt, csv, npy) or a sequence of ints.
+
+    Refused: empty, non-integer, negative, duplicated, out-of-range and held-out ids.
+    """
+    n_train, n_points = store.spec.n_train, store.spec.n_points
+    if isinstance(forget_ids, (str, Path)):
+        return read_ids(forget_ids, n_train, n_points)
+    ids = np.asarray(forget_ids).ravel()
+    if ids.size == 0:
+        raise MatchingError("the forget set is empty; give at least one training index")
+    if not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)) \
+            or not np.all(np.isfinite(ids)) or np.any(np.mod(ids, 1) != 0):
+        raise MatchingError(f"the forget set holds non-integer values ({ids.dtype}); give integer training indices")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0:
+        raise MatchingError(f"forget id {ids.min()} is negative; ids are training indices 0..{n_train - 1}")
+    if ids.max() >= n_train:
+        kind = "a held-out point" if ids.max() < n_points else "out of range"
+        raise MatchingError(f"forget id {ids.max()} is {kind}; only training indices 0..{n_train - 1} can be forgotten")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise MatchingError(f"forget id {unique[counts > 1][0]} is listed more than once; list each id once")
+    return unique

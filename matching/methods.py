@@ -1,0 +1,90 @@
+"""Unlearning methods: one interface (model, data, F → model), one registry.
+
+A method receives an `UnlearnTask` and returns the unlearned model; it must not write anything
+(the request writes the model and the ledger once the method has returned). DMM and OM are here;
+baselines (DESIGN.md §5) register themselves the same way with `@register_method("name")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from attribution.datasets import Dataset
+from attribution.evaluation import model_logits
+from attribution.store import AttributionStore
+
+from .direct import dm_direct_targets
+from .errors import MatchingError
+from .finetune import MatchingConfig, match_logits, matching_points
+from .inputs import load_store_model
+
+
+@dataclass(frozen=True)
+class UnlearnTask:
+    """What a method may use. `forget_ids` is F: every id forgotten so far, this request's included."""
+    model: nn.Module              # the model to edit (θ0 for the first request, else the latest output)
+    data: Dataset
+    forget_ids: np.ndarray
+    store: AttributionStore
+    original_logits: np.ndarray   # f(θ0) on every point (train then held-out), n_points × k
+    attribution: str = "datamodels"
+    config: MatchingConfig = field(default_factory=MatchingConfig)
+    oracles: tuple[str, ...] = ()  # model files trained on S∖F (OM only)
+
+
+UnlearnMethod = Callable[[UnlearnTask], nn.Module]
+METHODS: dict[str, UnlearnMethod] = {}
+
+
+def register_method(name: str) -> Callable[[UnlearnMethod], UnlearnMethod]:
+    def add(method: UnlearnMethod) -> UnlearnMethod:
+        METHODS[name] = method
+        return method
+    return add
+
+
+def get_method(name: str) -> UnlearnMethod:
+    if name not in METHODS:
+        raise MatchingError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> nn.Module:
+    """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R."""
+    points = matching_points(task.forget_ids, task.data.n_train, task.config.retain_ratio, task.config.seed)
+    return match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
+
+
+@register_method("dmm")
+def datamodel_matching(task: UnlearnTask) -> nn.Module:
+    """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:}."""
+    if task.oracles:
+        raise MatchingError("--oracles is for --method om; drop it for dmm")
+    targets = dm_direct_targets(task.store, task.forget_ids, task.attribution, task.original_logits)
+    return match_on_forget_and_retain(task, targets)
+
+
+def oracle_logits(task: UnlearnTask) -> np.ndarray:
+    """Mean logits of the oracles (n_points × k), each checked against the store and trained without F."""
+    if not task.oracles:
+        raise MatchingError("--method om needs --oracles: model files trained on S∖F")
+    logits = []
+    for path in task.oracles:
+        model, meta = load_store_model(path, task.store, task.data)
+        excluded = np.asarray(meta.get("excluded", []), dtype=np.int64)
+        if not np.array_equal(np.sort(excluded), task.forget_ids):
+            raise MatchingError(f"oracle {Path(path)} was trained without {len(excluded)} ids, not the "
+                                f"{len(task.forget_ids)} ids of F; train oracles with `dmm train --exclude` on F")
+        logits.append(model_logits(model, task.data.all_inputs()).numpy())
+    return np.mean(logits, axis=0)
+
+
+@register_method("om")
+def oracle_matching(task: UnlearnTask) -> nn.Module:
+    """OM: match the mean logits of real oracles (the ablation with exact targets)."""
+    return match_on_forget_and_retain(task, oracle_logits(task))

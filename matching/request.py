@@ -1,0 +1,119 @@
+"""A deletion request: validate, unlearn with a registered method, write the model, record it.
+
+The request chain of a store is linear. Request 1 starts from θ0: the store keeps θ0's logits
+(`original/logits`, written at request 1) and every later DM-Direct target is computed from them.
+Request j > 1 must start from the model request j−1 wrote (checked by file hash) and forgets the
+union of every id forgotten so far. To start over from θ0, use a copy of the store taken before
+request 1.
+
+Order: every check and the method itself run first; then θ0's logits (request 1 only), the output
+model (atomically) and the ledger entry are written, all under the store's lock. A failed request
+leaves the store, the ledger and every model file byte-identical.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from attribution.checkpoint import file_sha256, save_model
+from attribution.datasets import Dataset
+from attribution.evaluation import model_logits
+from attribution.store import AttributionStore
+
+from .errors import MatchingError
+from .finetune import MatchingConfig
+from .inputs import forget_set, load_store_model, store_dataset
+from .ledger import LedgerEntry, append_entry, forgotten_ids, ids_sha256, read_ledger, store_lock
+from .methods import UnlearnTask, get_method
+
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What a request did: `entry` is its ledger entry, None when every id was already forgotten."""
+    entry: LedgerEntry | None
+    new_ids: np.ndarray          # ids of this request not forgotten before
+    forgotten_ids: np.ndarray    # every id forgotten so far
+    message: str
+    method_s: float = 0.0        # wall time inside the method (for DMM: DM-Direct targets + fine-tuning)
+
+
+def _store_url(store: str | os.PathLike | AttributionStore) -> str:
+    return store.url if isinstance(store, AttributionStore) else os.fspath(store)
+
+
+def _original_logits(store: AttributionStore, entries: list[LedgerEntry], model_sha: str, model, data: Dataset):
+    """(θ0's logits, whether they still need writing). Checks that `model` continues the chain."""
+    kept = store.original_model_sha256()
+    if entries:
+        last = entries[-1]
+        if model_sha != last.output_sha256:
+            raise MatchingError(f"the model is not the latest of this store's request chain; pass the output of "
+                                f"request {last.id}, {last.output_path} (sha256 {last.output_sha256[:12]})")
+        return store.read_original_logits(entries[0].input_sha256), False
+    if kept is not None and kept != model_sha:
+        raise MatchingError(f"store {store.url} keeps the logits of θ0 with sha256 {kept[:12]}, not of this model "
+                            f"({model_sha[:12]}); pass that θ0 as the first request's model")
+    if kept is not None:
+        return store.read_original_logits(model_sha), False
+    return model_logits(model, data.all_inputs()).numpy(), True
+
+
+def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str | os.PathLike, forget_ids,
+                    method: str = "dmm", out: str | os.PathLike | None = None, attribution: str = "datamodels",
+                    config: MatchingConfig = MatchingConfig(), oracles=(), data: Dataset | None = None,
+                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> RequestResult:
+    """Forget `forget_ids` (id file or ints) from the model at `model_path`, writing the result to `out`.
+
+    `method` names a registered method ("dmm", "om", ...); `attribution` the fit group DMM's
+    targets come from; `oracles` the model files OM matches. See the module docstring for the chain rule.
+    """
+    start = time.perf_counter()
+    store = AttributionStore.open(_store_url(store), mode="r+")  # opening writes nothing
+    data = store_dataset(store, data)
+    ids = forget_set(forget_ids, store)
+    unlearn = get_method(method)
+    if out is None:
+        raise MatchingError("no output path; pass --out for the unlearned model")
+    model_path, out = Path(model_path), Path(out)
+    if out.resolve() == model_path.resolve():
+        raise MatchingError(f"--out {out} is the input model; write the unlearned model to a new file")
+    model, meta = load_store_model(model_path, store, data)
+    with store_lock(store, lock_timeout):
+        entries = read_ledger(store)  # the ledger and θ0's logits are read afresh under the lock
+        model_sha = file_sha256(model_path)
+        original, first = _original_logits(store, entries, model_sha, model, data)
+        before = forgotten_ids(entries)
+        new_ids = np.setdiff1d(ids, before)
+        if new_ids.size == 0:
+            return RequestResult(None, new_ids, before, f"all {ids.size} ids are already forgotten; nothing changed")
+        union = np.union1d(before, new_ids)
+        task = UnlearnTask(model=model, data=data, forget_ids=union, store=store, original_logits=original,
+                           attribution=attribution, config=config, oracles=tuple(map(str, oracles)))
+        method_start = time.perf_counter()
+        unlearned = unlearn(task)
+        method_s = time.perf_counter() - method_start
+        if first:
+            store.write_original_logits(original, model_sha)
+        request_id = len(entries) + 1
+        save_model(out, unlearned.state_dict(),
+                   {**meta, "unlearned": {"store": store.url, "request": request_id, "method": method,
+                                          "attribution": attribution, "n_forgotten": int(union.size)}})
+        entry = LedgerEntry(
+            id=request_id, time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), method=method,
+            attribution=attribution, n_ids=int(ids.size), ids_sha256=ids_sha256(ids), ids=ids.tolist(),
+            n_forgotten=int(union.size), input_sha256=model_sha, output_sha256=file_sha256(out),
+            output_path=str(out.resolve()), seed=config.seed, config=config.to_dict(),
+            wall_s=round(time.perf_counter() - start, 4))
+        append_entry(store, entry)
+    already = ids.size - new_ids.size
+    message = (f"request {request_id}: {method} forgot {new_ids.size} new ids"
+               + (f" ({already} already forgotten)" if already else "")
+               + f", {union.size} in all, in {entry.wall_s:.2f} s -> {out}")
+    return RequestResult(entry, new_ids, union, message, method_s)

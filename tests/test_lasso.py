@@ -1,0 +1,151 @@
+"""Tests for the batched L1 datamodel solver (attribution/lasso.py)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Lasso
+
+from attribution.lasso import (
+    LassoFit,
+    fit_datamodels,
+    lambda_path,
+    lasso_objective,
+    solve_lasso,
+)
+
+
+def _problem(m=160, n=40, t=6, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, n)) < 0.5  # raw 0/1 masks, as stored
+    B = rng.normal(size=(n, t)) * (rng.random((n, t)) < 0.25)
+    Y = 3.0 + X @ B + noise * rng.normal(size=(m, t))
+    return X, Y.astype(np.float32)
+
+
+def _lmax(X, Y):
+    Xc = X - X.mean(0)
+    Yc = Y - Y.mean(0)
+    return np.abs(Xc.T @ Yc).max(0) / X.shape[0]
+
+
+def _sk(X, y, lam, tol=1e-12):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = Lasso(alpha=float(lam), fit_intercept=True, tol=tol, max_iter=200_000)
+        return est.fit(X.astype(np.float64), y.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_objective_matches_sklearn(dtype, rtol):
+    X, Y = _problem()
+    lam = _lmax(X, Y) * np.array([0.7, 0.3, 0.1, 0.05, 0.02, 0.005])
+    W, b = solve_lasso(X, Y, lam, dtype=dtype)
+    assert W.shape == (X.shape[1], Y.shape[1]) and W.dtype == np.float32
+    assert b.shape == (Y.shape[1],) and b.dtype == np.float32
+    ours = lasso_objective(X, Y, W, b, lam)
+    ref = np.empty_like(ours)
+    for j in range(Y.shape[1]):
+        est = _sk(X, Y[:, j], lam[j])
+        ref[j] = lasso_objective(X, Y[:, [j]], est.coef_[:, None], [est.intercept_], lam[[j]])[0]
+    np.testing.assert_allclose(ours, ref, rtol=rtol)
+
+
+def test_predictions_apply_to_raw_masks():
+    X, Y = _problem(seed=1)
+    lam = _lmax(X, Y) * 0.05
+    W, b = solve_lasso(X, Y, lam)
+    X_new = np.random.default_rng(7).random((50, X.shape[1])) < 0.5
+    for j in range(Y.shape[1]):
+        est = _sk(X, Y[:, j], lam[j])
+        np.testing.assert_allclose(W[:, j], est.coef_, atol=2e-4)
+        np.testing.assert_allclose(X_new @ W[:, j] + b[j], est.predict(X_new.astype(float)), atol=2e-3)
+
+
+def test_lambda_max_gives_zero_weights_and_mean_bias():
+    X, Y = _problem(seed=2)
+    lmax = _lmax(X, Y)
+    path = lambda_path(X, Y, path_length=5, min_ratio=1e-2)
+    assert path.shape == (5, Y.shape[1])
+    np.testing.assert_allclose(path[0], lmax, rtol=1e-6)
+    assert np.all(np.diff(path, axis=0) < 0)
+    np.testing.assert_allclose(path[-1], lmax * 1e-2, rtol=1e-6)
+    for scale in (1.0, 3.0):
+        W, b = solve_lasso(X, Y, lmax * scale)
+        assert np.all(W == 0)
+        np.testing.assert_allclose(b, Y.mean(0), rtol=1e-6)
+    # just below λ_max something enters
+    W, _ = solve_lasso(X, Y, lmax * 0.9)
+    assert np.all((W != 0).sum(0) >= 1)
+
+
+def test_warm_start_and_constant_target():
+    X, Y = _problem(seed=3, t=3)
+    Y = np.concatenate([Y, np.full((X.shape[0], 1), 2.5, np.float32)], axis=1)
+    lam = np.maximum(_lmax(X, Y) * 0.05, 0.0)
+    W, b = solve_lasso(X, Y, lam)
+    assert np.all(W[:, -1] == 0) and b[-1] == pytest.approx(2.5)
+    W2, b2 = solve_lasso(X, Y, lam, init=W + 0.1)
+    f1 = lasso_objective(X, Y, W, b, lam)
+    f2 = lasso_objective(X, Y, W2, b2, lam)
+    np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-9)
+
+
+def _brute_force(Xtr, Ytr, Xva, Yva, path_length, min_ratio):
+    path = lambda_path(Xtr, Ytr, path_length, min_ratio)
+    mse = np.empty_like(path)
+    for j in range(Ytr.shape[1]):
+        for k in range(path.shape[0]):
+            est = _sk(Xtr, Ytr[:, j], path[k, j], tol=1e-10)
+            mse[k, j] = np.mean((Yva[:, j] - est.predict(Xva.astype(float))) ** 2)
+    return path, mse
+
+
+@pytest.mark.parametrize("patience", [None, 4])
+def test_chosen_lambda_matches_brute_force(patience):
+    X, Y = _problem(m=260, n=40, t=8, seed=4, noise=2.0)
+    Xtr, Ytr, Xva, Yva = X[:200], Y[:200], X[200:], Y[200:]
+    L, ratio = 12, 1e-2
+    path, mse = _brute_force(Xtr, Ytr, Xva, Yva, L, ratio)
+    best = mse.argmin(0)
+    fit = fit_datamodels(Xtr, Ytr, Xva, Yva, path_length=L, min_ratio=ratio, patience=patience)
+    assert isinstance(fit, LassoFit)
+    assert fit.weight.shape == (X.shape[1], Y.shape[1])
+    for a in (fit.weight, fit.bias, fit.lam, fit.val_mse):
+        assert a.dtype == np.float32
+    np.testing.assert_allclose(fit.lam, path[best, np.arange(Y.shape[1])], rtol=1e-6)
+    np.testing.assert_allclose(fit.val_mse, mse.min(0), rtol=1e-4)
+    # refit on train + val at the chosen λ
+    ours = lasso_objective(X, Y, fit.weight, fit.bias, fit.lam)
+    for j in range(Y.shape[1]):
+        est = _sk(X, Y[:, j], fit.lam[j])
+        ref = lasso_objective(X, Y[:, [j]], est.coef_[:, None], [est.intercept_], fit.lam[[j]])[0]
+        assert ours[j] == pytest.approx(ref, rel=1e-4)
+
+
+def _one_line_error(fn, *words):
+    with pytest.raises(ValueError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_bad_input_raises_clear_errors():
+    X, Y = _problem(t=2)
+    lam = np.array([0.1, 0.1])
+    _one_line_error(lambda: solve_lasso(X[:-1], Y, lam), "rows", "X", "Y")
+    Ybad = Y.copy()
+    Ybad[3, 1] = np.nan
+    _one_line_error(lambda: solve_lasso(X, Ybad, lam), "NaN", "Y")
+    Ybad[150, 1] = np.inf
+    _one_line_error(lambda: fit_datamodels(X[:100], Y[:100], X[100:], Ybad[100:]), "Y_val")
+    _one_line_error(lambda: solve_lasso(X, Y, np.array([0.1, -0.2])), "negative", "λ")
+    _one_line_error(lambda: solve_lasso(X, Y, np.array([0.1, 0.1, 0.1])), "lam", "targets")
+    _one_line_error(lambda: fit_datamodels(X[:100], Y[:100], X[100:, :-1], Y[100:]), "columns")
+    _one_line_error(lambda: fit_datamodels(X[:100], Y[:100], X[100:], Y[100:, :1]), "targets")
+    _one_line_error(lambda: lambda_path(X, Y, 0, 1e-2), "path_length")
+    _one_line_error(lambda: lambda_path(X, Y, 10, 0.0), "min_ratio")

@@ -1,0 +1,293 @@
+"""DM-Direct, the logit-matching loop, DMM/OM requests and the ledger (matching/)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import matching.direct as direct
+import matching.methods as methods
+from attribution.checkpoint import file_sha256, load_model
+from attribution.evaluation import accuracy, model_logits
+from attribution.store import AttributionStore, StoreSpec
+from fixtures_store import copy_store, digits_store, train_and_save
+from matching.direct import dm_direct_targets
+from matching.errors import MatchingError
+from matching.finetune import MatchingConfig, match_logits, matching_points
+from matching.inputs import forget_set
+from matching.ledger import ids_sha256, read_ledger, store_lock
+from matching.methods import METHODS, get_method, register_method
+from matching.request import unlearn_request
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # a shared 2-core machine: intra-op threads only add contention for these tiny models
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tree_hashes(*roots) -> dict[str, str]:
+    out = {}
+    for root in map(Path, roots):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return out
+
+
+# --------------------------------------------------------------------------- DM-Direct on a synthetic store
+
+N_TRAIN, N_POINTS, K = 12, 17, 3
+
+
+def synthetic_store(url, fit=("datamodels", "trak"), complete=True):
+    """A store with random β per fit group (rows = one chunk each) and random θ0 logits."""
+    spec = StoreSpec(dataset="synthetic", fingerprint="0" * 64, model="mlp", recipe={}, alpha=0.5, seed=0,
+                     block_size=4, n_train=N_TRAIN, n_points=N_POINTS, num_classes=K)
+    store = AttributionStore.open_or_create(str(url), spec, 4)
+    rng = np.random.default_rng(0)
+    betas = {}
+    for prefix in fit:
+        group = store.create_fit_group(prefix, target_chunk=8, row_chunk=1)
+        betas[prefix] = rng.standard_normal((N_TRAIN, N_POINTS, K)).astype(np.float32)
+        for c in range(group.num_chunks - (0 if complete else 1)):
+            sl = group.target_slice(c)
+            group.write_chunk(c, betas[prefix][:, sl], np.zeros((sl.stop - sl.start, K)))
+    original = rng.standard_normal((N_POINTS, K)).astype(np.float32)
+    store.write_original_logits(original, "a" * 64)
+    return store, betas, original
+
+
+@pytest.mark.parametrize("attribution", ["datamodels", "trak"])
+def test_dm_direct_is_theta0_minus_the_sum_of_forget_rows(tmp_path, monkeypatch, attribution):
+    store, betas, original = synthetic_store(tmp_path / "s.zarr")
+    forget = np.array([1, 5, 7, 11])
+    expected = original.astype(np.float64).copy()
+    for i in forget:
+        expected -= betas[attribution][i]
+    monkeypatch.setattr(direct, "ROW_BATCH", 3)  # two reads of F's rows
+    np.testing.assert_allclose(dm_direct_targets(store, forget, attribution), expected, rtol=1e-5, atol=1e-5)
+    other = original + 1
+    np.testing.assert_allclose(dm_direct_targets(store, forget, attribution, original_logits=other),
+                               expected + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_dm_direct_reads_only_the_weight_rows_of_f(tmp_path, monkeypatch):
+    store, _, _ = synthetic_store(tmp_path / "s.zarr")
+    read_keys = []
+    real_get = zarr.storage.LocalStore.get
+
+    async def spy(self, key, *args, **kwargs):
+        read_keys.append(key)
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", spy)
+    dm_direct_targets(store, np.array([2, 9]))
+    weight_chunks = [k for k in read_keys if k.startswith("datamodels/weight/c/")]
+    assert weight_chunks, read_keys
+    assert {int(k.split("/")[3]) for k in weight_chunks} == {2, 9}  # key c/<row>/<target chunk>/0
+
+
+def test_dm_direct_refuses_a_store_without_a_complete_fit(tmp_path):
+    store, _, _ = synthetic_store(tmp_path / "none.zarr", fit=())
+    with pytest.raises(MatchingError, match="no fitted datamodels"):
+        dm_direct_targets(store, [1])
+    store, _, _ = synthetic_store(tmp_path / "part.zarr", fit=("datamodels",), complete=False)
+    with pytest.raises(MatchingError, match="2/3 datamodels target chunks"):
+        dm_direct_targets(store, [1])
+    with pytest.raises(MatchingError, match="no fitted trak"):
+        dm_direct_targets(store, [1], "trak")
+
+
+# --------------------------------------------------------------------------- the matching loop
+
+
+def test_matching_points_are_f_plus_r_times_f_retain_points():
+    forget = np.array([3, 10, 20, 50])
+    points = matching_points(forget, 100, 3.0, seed=7)
+    assert np.isin(forget, points).all() and len(points) == 16
+    assert np.array_equal(points, matching_points(forget, 100, 3.0, seed=7))
+    assert not np.array_equal(points, matching_points(forget, 100, 3.0, seed=8))
+    assert matching_points(np.array([1, 2]), 5, 3.0, seed=0).tolist() == [0, 1, 2, 3, 4]  # capped at all of S
+
+
+def test_match_logits_fits_all_k_logits_and_decays_lr_per_epoch():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    model = torch.nn.Linear(5, 4)
+    with torch.no_grad():
+        targets = model(x) + torch.tensor([0.0, 0.0, 0.0, 1.5])  # only a non-argmax logit moves
+    config = MatchingConfig(epochs=300, lr=1e-2, batch_size=16, lr_decay=1.0)
+    match_logits(model, x, targets, config)
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(model(x), targets) < 0.01
+
+    def trained(epochs, decay):
+        torch.manual_seed(1)
+        return match_logits(torch.nn.Linear(5, 4), x, targets,
+                            MatchingConfig(epochs=epochs, lr=1e-2, batch_size=16, lr_decay=decay))
+
+    # with lr × 1e-9 after the first epoch, later epochs change (almost) nothing
+    one, three = trained(1, 1e-9), trained(3, 1e-9)
+    for a, b in zip(one.parameters(), three.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not torch.allclose(trained(3, 1.0).weight, one.weight)
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(lr_decay=1.5),
+                                 dict(retain_ratio=-1.0)])
+def test_matching_config_refuses_bad_settings(bad):
+    with pytest.raises(MatchingError):
+        MatchingConfig(**bad)
+
+
+def test_forget_set_from_a_sequence_is_checked_like_an_id_file(tmp_path):
+    store, _, _ = synthetic_store(tmp_path / "s.zarr", fit=())
+    assert forget_set([5, 1, 3], store).tolist() == [1, 3, 5]
+    for bad, needle in [([], "empty"), ([1.5], "non-integer"), ([-1], "negative"), ([N_TRAIN], "held-out"),
+                        ([N_POINTS], "out of range"), ([2, 2], "more than once"), (["a"], "non-integer")]:
+        with pytest.raises(MatchingError, match=needle):
+            forget_set(bad, store)
+
+
+# --------------------------------------------------------------------------- requests on digits
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The digits store, θ0 (seed 0), 4 retrained references and 4 OM oracles on S∖F."""
+    fixture = digits_store(tmp_path_factory.getbasetemp() / "digits-store")
+    models = tmp_path_factory.mktemp("models")
+    forget = np.sort(np.random.default_rng(1).choice(fixture.data.n_train, 40, replace=False))
+    (theta0,) = train_and_save(fixture, [models / "theta0.safetensors"], [0])
+    refs = train_and_save(fixture, [models / f"ref{s}.safetensors" for s in range(4)], [100, 101, 102, 103], forget)
+    oracles = train_and_save(fixture, [models / f"oracle{s}.safetensors" for s in range(4)], [200, 201, 202, 203],
+                             forget)
+    return dict(fixture=fixture, forget=forget, theta0=theta0, refs=refs, oracles=oracles)
+
+
+def logits_of(path, data):
+    return model_logits(load_model(path, data)[0], data.all_inputs()).numpy()
+
+
+def test_dmm_moves_forget_logits_towards_retrained_and_om_does_at_least_as_well(world, tmp_path):
+    fixture, forget = world["fixture"], world["forget"]
+    data = fixture.data
+    retrained = np.mean([logits_of(p, data) for p in world["refs"]], axis=0)
+    theta0 = logits_of(world["theta0"], data)
+
+    def distance(logits):
+        return float(((logits[forget] - retrained[forget]) ** 2).sum(1).mean())
+
+    outputs = {}
+    for method, oracles in (("dmm", ()), ("om", world["oracles"])):
+        store = copy_store(fixture, tmp_path / f"{method}.zarr")
+        unlearn_request(store, world["theta0"], forget, method=method, out=tmp_path / f"{method}.safetensors",
+                        oracles=oracles)
+        outputs[method] = logits_of(tmp_path / f"{method}.safetensors", data)
+
+    assert distance(outputs["dmm"]) < 0.97 * distance(theta0)
+    assert distance(outputs["om"]) <= distance(outputs["dmm"])
+    retain = np.setdiff1d(np.arange(data.n_train), forget)
+    for logits in outputs.values():
+        assert abs(accuracy(logits[:data.n_train], data.y_train, retain)
+                   - accuracy(theta0[:data.n_train], data.y_train, retain)) <= 0.02
+        assert abs(accuracy(logits[data.n_train:], data.y_test) - accuracy(theta0[data.n_train:], data.y_test)) <= 0.02
+
+
+def test_later_requests_use_stored_theta0_logits_and_the_union_of_forgotten_ids(world, tmp_path, monkeypatch):
+    fixture, forget = world["fixture"], world["forget"]
+    data = fixture.data
+    url = copy_store(fixture, tmp_path / "store.zarr")
+    first, second = forget[:20], forget[10:]
+    r1 = unlearn_request(url, world["theta0"], first, out=tmp_path / "u1.safetensors")
+
+    store = AttributionStore.open(url)
+    theta0_sha = file_sha256(world["theta0"])
+    np.testing.assert_allclose(store.read_original_logits(theta0_sha), logits_of(world["theta0"], data), atol=1e-6)
+    e1 = r1.entry
+    assert (e1.id, e1.method, e1.n_ids, e1.n_forgotten, e1.ids) == (1, "dmm", 20, 20, first.tolist())
+    assert e1.ids_sha256 == ids_sha256(first[::-1]) and e1.input_sha256 == theta0_sha
+    assert e1.output_sha256 == file_sha256(tmp_path / "u1.safetensors")
+    assert datetime.fromisoformat(e1.time_utc).utcoffset().total_seconds() == 0 and e1.wall_s > 0
+
+    captured = {}
+    real_match = methods.match_logits
+
+    def spy(model, inputs, targets, config):
+        captured.update(inputs=inputs, targets=targets.numpy())
+        return real_match(model, inputs, targets, config)
+
+    monkeypatch.setattr(methods, "match_logits", spy)
+    r2 = unlearn_request(url, tmp_path / "u1.safetensors", second, out=tmp_path / "u2.safetensors")
+    union = np.union1d(first, second)
+    assert r2.entry.n_forgotten == len(union) == 40 and np.array_equal(r2.forgotten_ids, union)
+    assert r2.entry.input_sha256 == e1.output_sha256
+    weight = np.asarray(store.fit_group("datamodels").weight[:], dtype=np.float64)
+    h = logits_of(world["theta0"], data) - weight[union].sum(0)  # brute force, from θ0, over the union
+    points = matching_points(union, data.n_train, 3.0, 0)
+    np.testing.assert_allclose(captured["targets"], h[points], rtol=1e-4, atol=1e-4)
+    assert torch.equal(captured["inputs"], data.x_train[points])
+
+    before = tree_hashes(url, tmp_path / "u2.safetensors")
+    r3 = unlearn_request(url, tmp_path / "u2.safetensors", first[:5], out=tmp_path / "u3.safetensors")
+    assert r3.entry is None and "already forgotten" in r3.message
+    assert tree_hashes(url, tmp_path / "u2.safetensors") == before and not (tmp_path / "u3.safetensors").exists()
+    assert [e.id for e in read_ledger(AttributionStore.open(url))] == [1, 2]
+
+
+def test_the_chain_refuses_any_model_but_the_latest(world, tmp_path):
+    url = copy_store(world["fixture"], tmp_path / "store.zarr")
+    unlearn_request(url, world["theta0"], world["forget"][:5], out=tmp_path / "u1.safetensors")
+    before = tree_hashes(url, world["theta0"])
+    with pytest.raises(MatchingError, match="u1.safetensors"):
+        unlearn_request(url, world["theta0"], world["forget"][5:10], out=tmp_path / "u2.safetensors")
+    assert tree_hashes(url, world["theta0"]) == before and not (tmp_path / "u2.safetensors").exists()
+
+
+def test_a_first_request_refuses_a_model_other_than_the_stored_theta0(world, tmp_path):
+    url = copy_store(world["fixture"], tmp_path / "store.zarr")
+    store = AttributionStore.open(url, mode="r+")
+    store.write_original_logits(np.zeros((store.spec.n_points, store.spec.num_classes)), "b" * 64)
+    before = tree_hashes(url)
+    with pytest.raises(MatchingError, match="bbbbbbbbbbbb"):
+        unlearn_request(url, world["theta0"], world["forget"], out=tmp_path / "u.safetensors")
+    assert tree_hashes(url) == before
+
+
+def test_a_busy_store_times_out_and_changes_nothing(world, tmp_path):
+    url = copy_store(world["fixture"], tmp_path / "store.zarr")
+    before = tree_hashes(url)
+    with store_lock(AttributionStore.open(url), timeout=1):
+        with pytest.raises(MatchingError, match="busy"):
+            unlearn_request(url, world["theta0"], world["forget"], out=tmp_path / "u.safetensors", lock_timeout=0.2)
+    assert tree_hashes(url) == before and not (tmp_path / "u.safetensors").exists()
+
+
+def test_methods_share_one_interface(world, tmp_path):
+    with pytest.raises(MatchingError, match="unknown method 'nope'"):
+        get_method("nope")
+    seen = {}
+
+    @register_method("keep-weights")
+    def keep_weights(task):
+        seen.update(forget=task.forget_ids, k=task.original_logits.shape)
+        return task.model
+
+    try:
+        url = copy_store(world["fixture"], tmp_path / "store.zarr")
+        result = unlearn_request(url, world["theta0"], world["forget"], method="keep-weights",
+                                 out=tmp_path / "u.safetensors")
+    finally:
+        del METHODS["keep-weights"]
+    assert np.array_equal(seen["forget"], world["forget"]) and result.entry.method == "keep-weights"
+    assert file_sha256(tmp_path / "u.safetensors") == result.entry.output_sha256
+    assert os.path.getsize(tmp_path / "u.safetensors") == os.path.getsize(world["theta0"])

@@ -36,18 +36,19 @@ def validation_split(num_models: int, val_fraction: float = DEFAULT_VAL_FRACTION
 
 
 def fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels, *,
-                     path_length: int, val_fraction: float = DEFAULT_VAL_FRACTION) -> ChunkFit:
+                     path_length: int, val_fraction: float = DEFAULT_VAL_FRACTION, **solver) -> ChunkFit:
     """β, β0, λ and LDS for targets t of one chunk.
 
     masks_fit (m, n) bool and logits_fit (m, t, k): fitting models; masks_lds (H, n), logits_lds (H, t, k):
     held-out models for the LDS; labels (t,): the targets' classes (for the margin LDS).
+    `solver` passes tol / max_iter / min_ratio / patience on to `lasso.fit_datamodels`.
     """
     masks_fit = np.asarray(masks_fit, dtype=np.float32)
     logits_fit = np.asarray(logits_fit, dtype=np.float32)
     m, t, k = logits_fit.shape
     train, val = validation_split(m, val_fraction)
     y = logits_fit.reshape(m, t * k)
-    fit = fit_datamodels(masks_fit[train], y[train], masks_fit[val], y[val], path_length=path_length)
+    fit = fit_datamodels(masks_fit[train], y[train], masks_fit[val], y[val], path_length=path_length, **solver)
     weight = fit.weight.reshape(-1, t, k)
     bias = fit.bias.reshape(t, k)
     lds, lds_margin = measure(masks_lds, weight, bias, logits_lds, labels)

@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
     ours_s = time.perf_counter() - t0
     print(f"solve_lasso at selected λ, cold start: {ours_s:.2f} s")
 
+    ours_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
     k = t if args.sklearn_targets is None else max(1, min(t, args.sklearn_targets))
     cols = np.unique(np.linspace(0, t - 1, k).round().astype(int))
     X64 = X.astype(np.float64)
@@ -140,6 +142,7 @@ def main(argv=None) -> dict:
         "ratio_incl_path": round(sklearn_s / ours_fit_s, 2),
         "max_rel_objective_gap": float(f"{rel.max():.3e}"),
         "peak_rss_mb": round(peak_mb, 1),
+        "ours_peak_rss_mb": round(ours_peak_mb, 1),
         "threads": torch.get_num_threads(),
     }
     if cols.size < t:

@@ -1,12 +1,19 @@
 """`dmm fit`: fit the datamodels of a store (see cluster/fit.py)."""
 from __future__ import annotations
 
+import zarr
+
 from .fit import FitConfig, fit_store, format_report
 
 
 def fit_cmd(args) -> int:
+    if zarr.config.get("threading.max_workers") is None:
+        # Reading one target chunk decodes whole block chunks of subsets/logits (block_size × n_points × k);
+        # decoded on zarr's default thread pool, each pool thread keeps such buffers in its own malloc arena
+        # and peak RSS grows with n_points. One decode thread keeps it flat (the solve dominates the time).
+        zarr.config.set({"threading.max_workers": 1})
     config = FitConfig(holdout_models=args.holdout_models, path_length=args.path_length,
-                       targets_per_chunk=args.targets_per_chunk)
+                       targets_per_chunk=args.targets_per_chunk, rows_per_chunk=args.rows_per_chunk)
     report = fit_store(args.store, config, address=args.address, workers=args.workers)
     print("\n".join(format_report(report)))
     return 0
@@ -20,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--path-length", type=int, default=FitConfig.path_length, help="λ values per path")
     p.add_argument("--targets-per-chunk", type=int, default=FitConfig.targets_per_chunk,
                    help="points per task (each has k regressions); memory grows with it")
+    p.add_argument("--rows-per-chunk", type=int, default=FitConfig.rows_per_chunk,
+                   help="training points per β chunk: small makes DM-Direct's read of F's rows cheap")
     p.add_argument("--address", help="Ray cluster (Dask-on-Ray) or tcp:// dask.distributed scheduler")
     p.add_argument("--workers", type=int, default=1, help="local threads (each solve is itself multi-threaded)")
     p.set_defaults(func=fit_cmd)

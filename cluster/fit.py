@@ -21,6 +21,7 @@ from tqdm import tqdm
 from attribution.datamodels import DEFAULT_VAL_FRACTION, fit_target_chunk
 from attribution.datasets import load_dataset
 from attribution.errors import DmmError
+from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH, DEFAULT_TOL
 from attribution.lds import format_summary, holdout_split, summarize
 from attribution.store import AttributionStore
 
@@ -30,14 +31,17 @@ from .ray_runtime import cluster_address, connect
 @dataclass(frozen=True)
 class FitConfig:
     holdout_models: int = 100
-    path_length: int = 16
-    targets_per_chunk: int = 64
+    path_length: int = DEFAULT_PATH_LENGTH
+    tol: float = DEFAULT_TOL
+    max_iter: int = DEFAULT_MAX_ITER
+    targets_per_chunk: int = 256
+    rows_per_chunk: int = 1
     val_fraction: float = DEFAULT_VAL_FRACTION
 
     def as_attrs(self) -> dict:
         """What fixes the fitted β (recorded in the group; a resume must match it)."""
         return {"holdout_models": self.holdout_models, "path_length": self.path_length,
-                "val_fraction": self.val_fraction}
+                "val_fraction": self.val_fraction, "tol": self.tol, "max_iter": self.max_iter}
 
 
 def _scheduler(address: str | None, workers: int):
@@ -60,7 +64,8 @@ def _scheduler(address: str | None, workers: int):
 
 def _fit_and_write(store_url, prefix, chunk, masks_fit, logits_fit, masks_lds, logits_lds, labels, config):
     fit = fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels,
-                           path_length=config.path_length, val_fraction=config.val_fraction)
+                           path_length=config.path_length, val_fraction=config.val_fraction,
+                           tol=config.tol, max_iter=config.max_iter)
     group = AttributionStore.open(store_url, "r+").fit_group(prefix)
     group.write_chunk(chunk, fit.weight, fit.bias, fit.lam, fit.lds, fit.lds_margin)
     return chunk
@@ -74,6 +79,21 @@ def _watch(group, total: int, stop: threading.Event) -> None:
         bar.update(len(group.completed_chunks()) - bar.n)
 
 
+def _refuse_other_settings(store, prefix: str, config: FitConfig, num_models: int) -> None:
+    """Before anything is written: a group fitted with other settings is not resumed; name what differs."""
+    if not store.has_fit_group(prefix):
+        return
+    group = store.fit_group(prefix)
+    s = store.spec
+    have = {"targets_per_chunk": group.target_chunk, "rows_per_chunk": group.row_chunk, **group.config}
+    want = {"targets_per_chunk": min(config.targets_per_chunk, s.n_points),
+            "rows_per_chunk": min(config.rows_per_chunk, s.n_train), **config.as_attrs(), "num_models": num_models}
+    diff = [f"{k}={have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise DmmError(f"{prefix}/ in {store.url} was fitted with other settings: {', '.join(diff)}; fix: rerun "
+                       f"with the settings it was fitted with to resume, or delete {prefix}/ (or fit a copy) to refit")
+
+
 def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | None = None,
               workers: int = 1, prefix: str = "datamodels") -> dict:
     """Fit every missing target chunk of `prefix` and return the LDS summaries."""
@@ -84,13 +104,16 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     masks = store.read_masks(blocks)
     fit_rows, lds_rows = holdout_split(len(masks), config.holdout_models)
     rows = np.concatenate([np.arange(store.block_rows(b).start, store.block_rows(b).stop) for b in blocks])
-    group = store.create_fit_group(prefix, config.targets_per_chunk, store.block_size,
-                                   {**config.as_attrs(), "num_models": len(masks)})
-    logits = da.from_zarr(store.zarr_array("subsets/logits"))[rows]
     data = load_dataset(store.spec.dataset)
     if data.fingerprint != store.fingerprint:
         raise DmmError(f"dataset {data.name} no longer matches store {store_url} (fingerprint); use the data "
                        "the store was estimated on")
+    _refuse_other_settings(store, prefix, config, len(masks))
+    group = store.create_fit_group(prefix, config.targets_per_chunk, config.rows_per_chunk,
+                                   {**config.as_attrs(), "num_models": len(masks)})
+    # dask chunks = one block × one target chunk: a task reads only its targets (the zarr chunk spans all points)
+    logits = da.from_zarr(store.zarr_array("subsets/logits"),
+                          chunks=(store.block_size, group.target_chunk, store.spec.num_classes))[rows]
     labels = data.all_labels().numpy()
     tasks = []
     for chunk in group.missing_chunks():

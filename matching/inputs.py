@@ -12,7 +12,7 @@ from torch import nn
 
 from attribution.checkpoint import load_model, load_state
 from attribution.datasets import Dataset, load_dataset
-from attribution.ids import read_ids
+from attribution.ids import check_ids, read_ids
 from attribution.store import AttributionStore
 
 from .errors import MatchingError
@@ -54,19 +54,4 @@ def forget_set(forget_ids, store: AttributionStore) -> np.ndarray:
     n_train, n_points = store.spec.n_train, store.spec.n_points
     if isinstance(forget_ids, (str, Path)):
         return read_ids(forget_ids, n_train, n_points)
-    ids = np.asarray(forget_ids).ravel()
-    if ids.size == 0:
-        raise MatchingError("the forget set is empty; give at least one training index")
-    if not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)) \
-            or not np.all(np.isfinite(ids)) or np.any(np.mod(ids, 1) != 0):
-        raise MatchingError(f"the forget set holds non-integer values ({ids.dtype}); give integer training indices")
-    ids = ids.astype(np.int64)
-    if ids.min() < 0:
-        raise MatchingError(f"forget id {ids.min()} is negative; ids are training indices 0..{n_train - 1}")
-    if ids.max() >= n_train:
-        kind = "a held-out point" if ids.max() < n_points else "out of range"
-        raise MatchingError(f"forget id {ids.max()} is {kind}; only training indices 0..{n_train - 1} can be forgotten")
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise MatchingError(f"forget id {unique[counts > 1][0]} is listed more than once; list each id once")
-    return unique
+    return check_ids(forget_ids, n_train, n_points, source="the forget set")

@@ -16,6 +16,17 @@ from attribution.lasso import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # These problems are tiny: with a busy machine, multi-threaded BLAS calls on
+    # 40×40 matrices wait for a free core at every call (10 ms each). One thread
+    # keeps the file fast; correctness does not depend on it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _problem(m=160, n=40, t=6, seed=0, noise=1.0):
     rng = np.random.default_rng(seed)
     X = rng.random((m, n)) < 0.5  # raw 0/1 masks, as stored
@@ -149,3 +160,8 @@ def test_bad_input_raises_clear_errors():
     _one_line_error(lambda: fit_datamodels(X[:100], Y[:100], X[100:], Y[100:, :1]), "targets")
     _one_line_error(lambda: lambda_path(X, Y, 0, 1e-2), "path_length")
     _one_line_error(lambda: lambda_path(X, Y, 10, 0.0), "min_ratio")
+    _one_line_error(lambda: solve_lasso(X, Y, lam, dtype=torch.float16), "dtype")
+    _one_line_error(lambda: solve_lasso(X, Y, lam, tol=-1.0), "tol")
+    W = np.zeros((X.shape[1], 2), np.float32)
+    _one_line_error(lambda: lasso_objective(X, Y, W.T, np.zeros(2), lam), "weight")
+    _one_line_error(lambda: fit_datamodels(X[:100], Y[:100], X[100:], Y[100:], patience=0), "patience")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from attribution.ids import IdsError
 import torch
 import zarr
 
@@ -152,9 +154,9 @@ def test_matching_config_refuses_bad_settings(bad):
 def test_forget_set_from_a_sequence_is_checked_like_an_id_file(tmp_path):
     store, _, _ = synthetic_store(tmp_path / "s.zarr", fit=())
     assert forget_set([5, 1, 3], store).tolist() == [1, 3, 5]
-    for bad, needle in [([], "empty"), ([1.5], "non-integer"), ([-1], "negative"), ([N_TRAIN], "held-out"),
-                        ([N_POINTS], "out of range"), ([2, 2], "more than once"), (["a"], "non-integer")]:
-        with pytest.raises(MatchingError, match=needle):
+    for bad, needle in [([], "no ids"), ([1.5], "not an integer"), ([-1], "negative"), ([N_TRAIN], "held-out"),
+                        ([N_POINTS], "out of range"), ([2, 2], "listed 2 times"), (["a"], "integer training")]:
+        with pytest.raises(IdsError, match=needle):
             forget_set(bad, store)
 
 

@@ -381,7 +381,7 @@ class AttributionStore:
         url = _normalize_url(url)
         ro = _open_group_ro(url)
         if ro is None:
-            raise StoreError(f"no attribution store at {url}; fix: run `dmm subsets` (or check the --store path)")
+            raise StoreError(f"no attribution store at {url}; fix: run `dmm estimate` (or check the --store path)")
         cls._validate_root(url, dict(ro.attrs))
         group = ro if mode == "r" else zarr.open_group(_make_store(url, read_only=False), mode="r+", zarr_format=3)
         return cls(url, group, mode)
@@ -459,7 +459,7 @@ class AttributionStore:
         missing = [p for p, a in arrays.items() if a is None]
         if missing:
             raise StoreError(
-                f"store {self.url} is incomplete (missing {missing}); fix: rerun `dmm subsets`, which repairs it"
+                f"store {self.url} is incomplete (missing {missing}); fix: rerun `dmm estimate`, which repairs it"
             )
         self._masks, self._logits, self._done = arrays[_MASKS], arrays[_LOGITS], arrays[_DONE]
         s, bs = self.spec, self.spec.block_size

@@ -1,0 +1,247 @@
+"""`dmm fit` (cluster/fit.py): chunked Dask fit into the store, LDS, resume, refusal, Dask-on-Ray, CLI, layout.
+
+One small store for the whole file: the class-balanced digits subset (300 train / 500 points) with
+200 trained subset models and no datamodels; tests fit copies of it with a cheap solver.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+from attribution.datamodels import fit_target_chunk
+from attribution.engine import train_batched
+from attribution.errors import DmmError
+from attribution.recipes import default_recipe
+from attribution.store import AttributionStore
+from attribution.subsets import block_subsets
+from cluster import commands_fit
+from cluster.cli import main
+from cluster.fit import FitConfig, fit_store
+
+from fixtures_store import BLOCK_SIZE, MODEL, DigitsStore, digits_subset
+
+pytestmark = [pytest.mark.filterwarnings("ignore:lasso:RuntimeWarning"),  # max_iter=50 is cut short on purpose
+              pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")]  # all-zero β: NaN LDS
+
+NUM_MODELS = 200
+# 500 points / 128 → 4 chunks, the last one partial (116 targets)
+CONFIG = FitConfig(holdout_models=20, path_length=4, tol=1e-3, max_iter=50, targets_per_chunk=128)
+FIT_ARRAYS = ("weight", "bias", "lam", "lds", "lds_margin")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # tiny solves on a busy machine: one BLAS thread is faster and keeps results reproducible
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_zarr_threads():
+    # `dmm fit` (cluster.commands_fit) sets zarr's decode pool to one thread for its process
+    saved = zarr.config.get("threading.max_workers")
+    yield
+    zarr.config.set({"threading.max_workers": saved})
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> DigitsStore:
+    """Subset models only (no datamodels): never modified, tests fit copies."""
+    root = tmp_path_factory.mktemp("fit")
+    data = digits_subset(root / "digits-subset.npz")
+    fixture = DigitsStore(str(root / "subsets.zarr"), data, default_recipe("digits"))
+    store = AttributionStore.open_or_create(fixture.url, fixture.spec(), NUM_MODELS)
+    for block in store.missing_blocks():
+        masks, seeds = block_subsets(0, block, BLOCK_SIZE, data.n_train, 0.5)
+        store.write_block(block, masks, train_batched(MODEL, data, fixture.recipe, seeds, masks).logits.numpy())
+    return fixture
+
+
+def copy_of(base: DigitsStore, dest: Path) -> str:
+    shutil.copytree(base.url, dest)
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def fitted(base, tmp_path_factory):
+    """(url, report) of a copy fitted with local threads; treat it as read-only."""
+    url = copy_of(base, tmp_path_factory.mktemp("fitted") / "s.zarr")
+    return url, fit_store(url, CONFIG)
+
+
+def read_fit(url: str) -> dict[str, np.ndarray]:
+    group = AttributionStore.open(url).fit_group("datamodels")
+    return {name: np.asarray(getattr(group, name)[...]) for name in FIT_ARRAYS}
+
+
+def np_margin(z: np.ndarray, label: int) -> np.ndarray:
+    """z (..., k): z_label − logsumexp of the other logits, in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    others = np.delete(z, label, axis=-1)
+    mx = others.max(-1, keepdims=True)
+    return z[..., label] - (mx[..., 0] + np.log(np.exp(others - mx).sum(-1)))
+
+
+def test_fit_writes_every_chunk_and_matches_a_direct_chunk_solve(base, fitted):
+    url, report = fitted
+    store = AttributionStore.open(url)
+    group = store.fit_group("datamodels")
+    assert group.num_chunks == 4 and group.is_complete()
+    assert report["chunks_fitted"] == 4 and report["models"] == NUM_MODELS
+    assert (report["fitting_models"], report["holdout_models"]) == (NUM_MODELS - 20, 20)
+    got = read_fit(url)
+    assert np.isfinite(got["lam"]).all() and np.isfinite(got["weight"]).all() and got["weight"].any()
+
+    blocks = store.completed_blocks()
+    masks = store.read_masks(blocks)
+    labels = base.data.all_labels().numpy()
+    for chunk in (1, 3):  # a full chunk and the partial last one
+        sl = group.target_slice(chunk)
+        logits = store.read_logits(blocks, targets=sl)
+        direct = fit_target_chunk(masks[20:], logits[20:], masks[:20], logits[:20], labels[sl],
+                                  path_length=4, val_fraction=CONFIG.val_fraction, tol=1e-3, max_iter=50)
+        np.testing.assert_allclose(got["weight"][:, sl], direct.weight, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got["bias"][sl], direct.bias, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(got["lam"][sl], direct.lam)
+        np.testing.assert_allclose(got["lds"][sl], direct.lds, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(got["lds_margin"][sl], direct.lds_margin, atol=1e-6, equal_nan=True)
+
+
+def test_stored_lds_is_spearman_over_the_held_out_models(base, fitted):
+    url, report = fitted
+    store = AttributionStore.open(url)
+    masks, logits, _ = store.read()
+    hold_masks, hold_logits = masks[:20].astype(np.float64), logits[:20].astype(np.float64)
+    got = read_fit(url)
+    labels = base.data.all_labels().numpy()
+    for x in (0, 7, 299, 300, 451, 499):  # train and held-out points, across chunks
+        pred = hold_masks @ got["weight"][:, x, :].astype(np.float64) + got["bias"][x]  # (H, k)
+        for c in range(10):
+            want = scipy.stats.spearmanr(pred[:, c], hold_logits[:, x, c]).statistic
+            np.testing.assert_allclose(got["lds"][x, c], want, atol=1e-5, equal_nan=True)
+        want = scipy.stats.spearmanr(np_margin(pred, labels[x]), np_margin(hold_logits[:, x], labels[x])).statistic
+        np.testing.assert_allclose(got["lds_margin"][x], want, atol=1e-5)
+    n = base.data.n_train
+    margin = got["lds_margin"][n:]
+    assert report["lds_margin_heldout"]["mean"] == pytest.approx(float(np.nanmean(margin.astype(np.float64))))
+    assert report["lds_margin_heldout"]["median"] == pytest.approx(float(np.nanmedian(margin.astype(np.float64))))
+    assert report["lds_margin_heldout"]["mean"] > 0.1  # real signal, not noise
+
+
+def test_resume_fits_only_unmarked_chunks(base, fitted, tmp_path):
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(fitted[0], url)
+    before = read_fit(url)
+    AttributionStore.open(url, "r+").fit_group("datamodels").done[2] = False
+    report = fit_store(url, CONFIG)
+    assert report["chunks_fitted"] == 1
+    after = read_fit(url)
+    for name in FIT_ARRAYS:
+        assert after[name].tobytes() == before[name].tobytes(), name
+    digest = tree_digest(Path(url))
+    assert fit_store(url, CONFIG)["chunks_fitted"] == 0  # complete: refits nothing
+    assert tree_digest(Path(url)) == digest
+
+
+def test_rerun_with_other_settings_is_refused_and_writes_nothing(fitted, tmp_path, capsys):
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(fitted[0], url)
+    digest = tree_digest(Path(url))
+    with pytest.raises(DmmError) as err:
+        fit_store(url, replace(CONFIG, path_length=5))
+    msg = str(err.value)
+    assert "\n" not in msg and "path_length=4 (now 5)" in msg and "max_iter" not in msg
+    assert main(["fit", "--store", url, "--holdout-models", "20", "--path-length", "5",
+                 "--targets-per-chunk", "128"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dmm: error: datamodels/") and "\n" not in err and "path_length=4 (now 5)" in err
+    assert tree_digest(Path(url)) == digest
+
+
+def test_dask_on_ray_gives_the_threads_result(ray_session, base, fitted, tmp_path):
+    url = copy_of(base, tmp_path / "s.zarr")
+    report = fit_store(url, CONFIG, address=ray_session)
+    assert report["chunks_fitted"] == 4
+    want, got = read_fit(fitted[0]), read_fit(url)
+    for name in FIT_ARRAYS:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, equal_nan=True, err_msg=name)
+
+
+@dataclass(frozen=True)
+class CheapFitConfig(FitConfig):
+    tol: float = CONFIG.tol
+    max_iter: int = CONFIG.max_iter
+
+
+def test_cli_prints_the_lds_summary(fitted, tmp_path, monkeypatch, capsys):
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(fitted[0], url)
+    AttributionStore.open(url, "r+").fit_group("datamodels").done[0] = False
+    # the CLI exposes no solver tolerances: give it the test's cheap ones (part of the group's config)
+    monkeypatch.setattr(commands_fit, "FitConfig", CheapFitConfig)
+    rc = main(["fit", "--store", url, "--holdout-models", "20", "--path-length", "4", "--targets-per-chunk", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fitted 1 target chunks on 180 subset models; LDS on 20 held-out models:" in out
+    line = next(s for s in out.splitlines() if "LDS held-out points, margin: mean" in s)
+    assert f"mean {fitted[1]['lds_margin_heldout']['mean']:.3f}" in line
+    for name in ("held-out points, per class", "train points, per class", "train points, margin"):
+        assert f"LDS {name}: mean " in out and "q25" in out and "median" in out and "q75" in out
+
+
+def test_cli_refuses_missing_or_empty_stores(base, tmp_path, capsys):
+    empty = tmp_path / "empty.zarr"
+    AttributionStore.open_or_create(str(empty), base.spec(), NUM_MODELS)  # no subset models
+    missing = tmp_path / "missing.zarr"
+    for path, words in ((empty, "no completed subset models"), (missing, "no attribution store")):
+        assert main(["fit", "--store", str(path), "--holdout-models", "20"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dmm: error:") and "\n" not in err and words in err, err
+    assert not missing.exists()
+    assert not AttributionStore.open(str(empty)).has_fit_group("datamodels")
+
+
+class RecordingStore(LocalStore):
+    """A LocalStore that remembers the keys it was asked for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keys_read: list[str] = []
+
+    async def get(self, key, prototype=None, byte_range=None):
+        self.keys_read.append(key)
+        return await super().get(key, prototype, byte_range)
+
+
+def test_weight_chunks_let_a_forget_set_read_only_its_rows(fitted):
+    url, _ = fitted
+    group = AttributionStore.open(url).fit_group("datamodels")
+    n, p, k = group.weight.shape
+    assert group.weight.chunks == (1, 128, k) and (n, p, k) == (300, 500, 10)
+    assert group.bias.chunks == (128, k) and group.lds_margin.chunks == (128,)
+
+    rows = [3, 41, 150, 151, 299]
+    store = RecordingStore(url, read_only=True)
+    weight = zarr.open_array(store, path="datamodels/weight", mode="r")
+    got = weight.oindex[rows, :, :]
+    np.testing.assert_array_equal(got, group.read_weight_rows(rows))
+    chunk_keys = [key for key in store.keys_read if key.startswith("datamodels/weight/c/")]
+    touched = {tuple(int(i) for i in key.split("/")[-3:]) for key in chunk_keys}
+    assert touched == {(r, j, 0) for r in rows for j in range(4)}  # 5 rows × 4 target chunks, nothing else
+    assert len(chunk_keys) == len(touched)

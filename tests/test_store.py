@@ -104,7 +104,7 @@ def roundtrip(url: str):
 
 
 def test_roundtrip_local(tmp_path):
-    roundtrip(str(tmp_path / "store.zarr"))
+    assert roundtrip(str(tmp_path / "store.zarr")).completed_models() == 2 * BS
 
 
 def test_roundtrip_file_url(tmp_path):
@@ -113,7 +113,7 @@ def test_roundtrip_file_url(tmp_path):
 
 
 def test_roundtrip_memory(mem_url):
-    roundtrip(mem_url)
+    assert roundtrip(mem_url).completed_models() == 2 * BS
 
 
 def test_empty_read_shapes(mem_url):

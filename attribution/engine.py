@@ -2,13 +2,16 @@
 
 `train_model` is the plain one-model trainer (an `nn.Module`, `torch.optim`, `LambdaLR`).
 `train_batched` trains B models — each with its own seed and its own subset S'_b (a boolean mask
-over S) — in one vectorised pass: parameters are stacked along a leading model axis, the forward
-pass is `torch.func.vmap(functional_call)`, and SGD/Adam are applied to the stacked tensors with a
-per-model learning rate. Both follow the same recipe semantics and the same per-model minibatch
-order, so for equal (seed, subset) they give the same parameters up to float rounding.
+over S) — vectorised over the models: parameters are stacked along a leading model axis; a
+Linear/ReLU chain is stepped with hand-written batched matmuls (`grouped_mlp`), any other
+architecture with `torch.func.vmap(functional_call)` and autograd; SGD/Adam are applied to the
+stacked tensors with a per-model learning rate. Both trainers follow the same recipe semantics and
+the same per-model minibatch order, so for equal (seed, subset) they give the same parameters up to
+float rounding.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .datasets import Dataset
+from .grouped_mlp import GroupedMLP, linear_chain
 from .models import build_model
 from .recipes import Recipe
 from .errors import DmmError
@@ -34,14 +38,10 @@ def derive_seeds(seed: int) -> tuple[int, int]:
     return int(init_seed), int(order_seed)
 
 
-def epoch_batches(indices: torch.Tensor, recipe: Recipe, order_seed: int) -> list[list[torch.Tensor]]:
-    """Per-epoch minibatches of one model: a fresh permutation of its subset each epoch, last batch kept."""
+def epoch_permutations(indices: torch.Tensor, epochs: int, order_seed: int) -> list[torch.Tensor]:
+    """The order in which one model visits its subset: a fresh permutation of `indices` each epoch."""
     g = torch.Generator().manual_seed(order_seed)
-    epochs = []
-    for _ in range(recipe.epochs):
-        perm = indices[torch.randperm(len(indices), generator=g)]
-        epochs.append(list(perm.split(recipe.batch_size)))
-    return epochs
+    return [indices[torch.randperm(len(indices), generator=g)] for _ in range(epochs)]
 
 
 def _check_mask(mask, n_train: int) -> torch.Tensor:
@@ -60,8 +60,9 @@ def train_model(model_name: str, data: Dataset, recipe: Recipe, seed: int, mask=
     mask = torch.ones(data.n_train, dtype=torch.bool) if mask is None else _check_mask(mask, data.n_train)
     init_seed, order_seed = derive_seeds(seed)
     model = build_model(model_name, data.input_shape, data.num_classes, init_seed).to(device)
-    batches = epoch_batches(mask.nonzero().squeeze(1), recipe, order_seed)
-    total_steps = sum(len(e) for e in batches)
+    order = epoch_permutations(mask.nonzero().squeeze(1), recipe.epochs, order_seed)
+    batches = [perm.split(recipe.batch_size) for perm in order]
+    total_steps = sum(len(e) for e in batches)  # minibatches of every epoch; the last one may be short
     if recipe.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                               nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
@@ -109,29 +110,27 @@ def _warn_fallback_once(model_name: str) -> None:
 def _batch_plan(masks: torch.Tensor, order_seeds, recipe: Recipe):
     """Index and weight tensors (epochs, steps, B, batch) padding every model to the longest epoch.
 
-    Padded slots repeat an index of the model's own batch and carry weight 0, so no model ever
-    touches a point outside its subset. Also returns the per-model lr factor table (epochs, steps, B)
+    A slot's weight is 1/|batch| (the minibatch mean); padded slots repeat an index of the model's own
+    last batch and carry weight 0, so no model ever touches a point outside its subset. Also returns the per-model lr factor table (epochs, steps, B)
     and the (epochs, steps, B) table of models that take a step.
     """
     bs, epochs = recipe.batch_size, recipe.epochs
     sizes = masks.sum(1)
     steps = int(-(-sizes.max().item() // bs))
-    index = torch.zeros(epochs, steps, len(masks), bs, dtype=torch.long)
+    slots = torch.arange(steps * bs)
+    index = torch.empty(epochs, len(masks), steps * bs, dtype=torch.long)
     for b, (mask, seed) in enumerate(zip(masks, order_seeds)):
-        for e, batches in enumerate(epoch_batches(mask.nonzero().squeeze(1), recipe, seed)):
-            perm = torch.cat(batches)
-            last = len(batches) - 1
-            padded = torch.cat([perm, perm[last * bs].expand(steps * bs - len(perm))])
-            index[e, :, b] = padded.view(steps, bs)
-    slot = torch.arange(steps * bs).view(steps, bs)
-    weight = (slot < sizes.view(-1, 1, 1)).float().permute(1, 0, 2).expand(epochs, -1, -1, -1)
-    steps_per_epoch = -(-sizes // bs)
-    active = (torch.arange(steps).view(-1, 1) < steps_per_epoch).expand(epochs, -1, -1)
-    t = torch.arange(epochs).view(-1, 1, 1) * steps_per_epoch + torch.arange(steps).view(1, -1, 1)
-    total = (epochs * steps_per_epoch).expand_as(t)
-    lr_factor = torch.tensor([recipe.lr_factor(int(a), int(b)) for a, b in zip(t.flatten(), total.flatten())],
-                             dtype=torch.float64).view(t.shape) * active
-    return index, weight, lr_factor, active
+        n = int(sizes[b])
+        index[:, b, :n] = torch.stack(epoch_permutations(mask.nonzero().squeeze(1), epochs, seed))
+        index[:, b, n:] = index[:, b, (n - 1) // bs * bs].unsqueeze(1)
+    index = index.view(epochs, len(masks), steps, bs).transpose(1, 2).contiguous()
+    counts = (slots.view(steps, 1, bs) < sizes.view(1, -1, 1)).float()
+    weight = (counts / counts.sum(2, keepdim=True).clamp(min=1)).expand(epochs, -1, -1, -1)
+    steps_per_epoch = (-(-sizes // bs)).numpy()
+    active = np.arange(steps).reshape(1, -1, 1) < steps_per_epoch
+    t = np.arange(epochs).reshape(-1, 1, 1) * steps_per_epoch + np.arange(steps).reshape(1, -1, 1)
+    lr_factor = recipe.lr_factor(t, epochs * steps_per_epoch) * active
+    return index, weight, torch.from_numpy(lr_factor), torch.from_numpy(np.broadcast_to(active, t.shape).copy())
 
 
 class StackedOptimizer:
@@ -148,36 +147,45 @@ class StackedOptimizer:
         self.steps = torch.zeros(params[0].shape[0], dtype=torch.float64, device=params[0].device)
 
     @torch.no_grad()
-    def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
-        r = self.recipe
+    def step(self, grads: list[torch.Tensor], lr: torch.Tensor, active: torch.Tensor) -> None:
+        """Apply the step with per-model learning rates lr (B,); `grads` may be overwritten."""
+        r, params = self.recipe, self.params
         self.steps += active
-        all_active = bool(active.all())
-        for i, p in enumerate(self.params):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            state = [p, self.buf[i]] + ([self.sq[i]] if self.sq is not None else [])
-            saved = None if all_active else [t.clone() for t in state]
-            g = p.grad
-            if r.weight_decay:
-                g.add_(p, alpha=r.weight_decay)
-            lr_b = lr.view(shape).to(p.dtype)
-            if r.optimizer == "sgd":
-                if r.momentum > 0:
-                    self.buf[i].mul_(r.momentum).add_(g)
-                    g = g.add_(self.buf[i], alpha=r.momentum) if r.nesterov else self.buf[i]
-                p.sub_(lr_b * g)
-            else:
-                b1, b2 = r.betas
-                self.buf[i].lerp_(g, 1 - b1)
-                self.sq[i].mul_(b2).addcmul_(g, g, value=1 - b2)
-                t = self.steps.clamp(min=1)
-                bc1 = (1 - b1 ** t).view(shape).to(p.dtype)
-                bc2_sqrt = (1 - b2 ** t).sqrt().view(shape).to(p.dtype)
-                p.sub_((lr_b / bc1) * self.buf[i] / (self.sq[i].sqrt() / bc2_sqrt + r.eps))
-            if saved is not None:  # models without a batch at this step keep parameters and state
-                a = active.view(shape)
-                for current, old in zip(state, saved):
-                    current.copy_(torch.where(a, current, old))
-            p.grad = None
+        state = params + self.buf + (self.sq or [])
+        saved = None if bool(active.all()) else [t.clone() for t in state]
+        neg_lr = [self._per_model(-lr, p) for p in params]
+        if r.weight_decay:
+            torch._foreach_add_(grads, params, alpha=r.weight_decay)
+        if r.optimizer == "sgd":
+            if r.momentum > 0:
+                torch._foreach_mul_(self.buf, r.momentum)
+                torch._foreach_add_(self.buf, grads)
+                if r.nesterov:
+                    torch._foreach_add_(grads, self.buf, alpha=r.momentum)
+                else:
+                    grads = self.buf
+            torch._foreach_addcmul_(params, grads, neg_lr)
+        else:
+            b1, b2 = r.betas
+            t = self.steps.clamp(min=1)
+            torch._foreach_lerp_(self.buf, grads, 1 - b1)
+            torch._foreach_mul_(self.sq, b2)
+            torch._foreach_addcmul_(self.sq, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(self.sq)
+            torch._foreach_div_(denom, [self._per_model((1 - b2 ** t).sqrt(), p) for p in params])
+            torch._foreach_add_(denom, r.eps)
+            update = torch._foreach_div(self.buf, denom)
+            torch._foreach_mul_(update, [self._per_model(-lr / (1 - b1 ** t), p) for p in params])
+            torch._foreach_add_(params, update)
+        if saved is not None:  # models without a batch at this step keep parameters and state
+            for current, old in zip(state, saved):
+                current.copy_(torch.where(self._per_model(active, current), current, old))
+
+    @staticmethod
+    def _per_model(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A (B,) per-model vector shaped to broadcast over a stacked (B, ...) tensor."""
+        v = v.view((-1,) + (1,) * (like.dim() - 1))
+        return v if v.dtype == torch.bool else v.to(like.dtype)
 
 
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -202,48 +210,78 @@ def stacked_logits(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Te
         return torch.cat([vmap(one, in_dims=(0, None))(state, xb) for xb in x.split(chunk)], dim=1)
 
 
+DEFAULT_GROUP_SIZE = 256  # models per vectorised pass: bounds activation memory, keeps each op large
+
+
 def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
-                  device: str | torch.device = "cpu") -> BatchedResult:
-    """Train B models, model b on {i : masks[b, i]} with seed seeds[b], in one vectorised pass."""
+                  device: str | torch.device = "cpu", group_size: int = DEFAULT_GROUP_SIZE) -> BatchedResult:
+    """Train B models, model b on {i : masks[b, i]} with seed seeds[b], vectorised over the models.
+
+    The models are trained `group_size` at a time, one vectorised pass per group; a model's result
+    does not depend on its group.
+    """
     masks = torch.as_tensor(np.asarray(masks))
     seeds = [int(s) for s in seeds]
     if masks.dim() != 2 or masks.shape[0] != len(seeds):
         raise TrainingError(f"masks must be (B, n_train) with one seed per row; got {tuple(masks.shape)} "
                             f"and {len(seeds)} seeds")
+    if group_size < 1:
+        raise TrainingError(f"group_size must be >= 1; got {group_size}")
     for m in masks:
         _check_mask(m, data.n_train)
     derived = [derive_seeds(s) for s in seeds]
     models = [build_model(model_name, data.input_shape, data.num_classes, init) for init, _ in derived]
-    x_all = data.all_inputs().to(device)
     if has_batchnorm(models[0]):
         _warn_fallback_once(model_name)
         trained = [train_model(model_name, data, recipe, s, m, device) for s, m in zip(seeds, masks)]
         state = {k: torch.stack([t.state_dict()[k] for t in trained]) for k in trained[0].state_dict()}
         with torch.no_grad():
-            logits = torch.stack([torch.cat([t(xb) for xb in x_all.split(1024)]) for t in trained])
+            logits = torch.stack([torch.cat([t(xb) for xb in data.all_inputs().to(device).split(1024)])
+                                  for t in trained])
         return BatchedResult(state, logits)
+    results = [_train_group(models[lo:lo + group_size], [o for _, o in derived[lo:lo + group_size]],
+                            masks[lo:lo + group_size], data, recipe, device)
+               for lo in range(0, len(seeds), group_size)]
+    state = {k: torch.cat([r.state[k] for r in results]) for k in results[0].state}
+    return BatchedResult(state, torch.cat([r.logits for r in results]))
 
+
+def _train_group(models: list[nn.Module], order_seeds: list[int], masks: torch.Tensor, data: Dataset,
+                 recipe: Recipe, device) -> BatchedResult:
+    """One vectorised pass over a group of models: hand-written MLP steps where the architecture is a
+    Linear/ReLU chain (`grouped_mlp`), `vmap(functional_call)` + autograd for anything else."""
     params, buffers = stack_module_state(models)
-    params = {k: v.detach().to(device).requires_grad_(True) for k, v in params.items()}
+    params = {k: v.detach().to(device) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
-    base = models[0].to("meta")
-    index, weight, lr_factor, active = _batch_plan(masks, [o for _, o in derived], recipe)
-    opt = StackedOptimizer(list(params.values()), recipe)
+    layers = linear_chain(models[0])
+    base = copy.deepcopy(models[0]).to("meta")
+    if layers is not None:
+        grouped = GroupedMLP(params, layers)
+        trainable = grouped.parameters()
+
+        def gradients(xb, yb, w):
+            return grouped.gradients(xb, yb, w, recipe.label_smoothing)
+    else:
+        trainable = [v.requires_grad_(True) for v in params.values()]
+        batched_forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))
+
+        def gradients(xb, yb, w):
+            logits = batched_forward(params, buffers, xb)
+            ce = cross_entropy_per_sample(logits.flatten(0, 1), yb.flatten(), recipe.label_smoothing).view_as(w)
+            return list(torch.autograd.grad((ce * w).sum(), trainable))
+
+    index, weight, lr_factor, active = _batch_plan(masks, order_seeds, recipe)
+    opt = StackedOptimizer(trainable, recipe)
     x, y = data.x_train.to(device), data.y_train.to(device)
-
-    def forward(p, b, xb):
-        return functional_call(base, (p, b), (xb,))
-
-    batched_forward = vmap(forward)
     for e in range(index.shape[0]):
         for s in range(index.shape[1]):
             idx, w = index[e, s].to(device), weight[e, s].to(device)
             flat = idx.flatten()
-            logits = batched_forward(params, buffers, x.index_select(0, flat).view(*idx.shape, *x.shape[1:]))
-            ce = cross_entropy_per_sample(logits.flatten(0, 1), y.index_select(0, flat),
-                                          recipe.label_smoothing).view_as(w)
-            loss = ((ce * w).sum(1) / w.sum(1).clamp(min=1)).sum()
-            loss.backward()
-            opt.step(recipe.lr * lr_factor[e, s].to(device), active[e, s].to(device))
+            grads = gradients(x.index_select(0, flat).view(*idx.shape, *x.shape[1:]),
+                              y.index_select(0, flat).view(idx.shape), w)
+            opt.step(grads, recipe.lr * lr_factor[e, s].to(device), active[e, s].to(device))
+    x_all = data.all_inputs().to(device)
+    if layers is not None:
+        return BatchedResult({**grouped.state_dict(), **buffers}, grouped.logits(x_all))
     state = {k: v.detach() for k, v in {**params, **buffers}.items()}
     return BatchedResult(state, stacked_logits(base, state, x_all))

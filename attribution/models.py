@@ -111,7 +111,7 @@ def build_model(name: str, input_shape, num_classes: int, seed: int) -> nn.Modul
     """Instantiate model `name` with its initialisation drawn from `seed` (global RNG left untouched)."""
     factory = resolve_factory(name)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: models are built on the CPU
         model = factory(tuple(input_shape), num_classes)
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory {name!r} returned {type(model).__name__}; return a torch.nn.Module")

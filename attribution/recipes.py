@@ -5,8 +5,10 @@ total number of steps T, so models trained on subsets of unequal size each follo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
 from .errors import DmmError
 
 
@@ -46,14 +48,20 @@ class Recipe:
             raise RecipeError(f"peak_epoch {self.peak_epoch} must lie in (0, epochs={self.epochs}); move it")
         object.__setattr__(self, "betas", tuple(self.betas))
 
-    def lr_factor(self, step: int, total_steps: int) -> float:
-        """Multiplier of `lr` at step t of T: constant 1, cosine to 0, or triangular 0 → 1 at the peak → 0."""
+    def lr_factor(self, step, total_steps):
+        """Multiplier of `lr` at step t of T: constant 1, cosine to 0, or triangular 0 → 1 at the peak → 0.
+
+        Scalars give a float; numpy arrays (broadcast together) give an array of factors.
+        """
+        step, total = np.asarray(step, dtype=np.float64), np.asarray(total_steps, dtype=np.float64)
         if self.schedule == "constant":
-            return 1.0
-        if self.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-        peak = self.peak_epoch / self.epochs * total_steps
-        return step / peak if step < peak else max(0.0, (total_steps - step) / (total_steps - peak))
+            factor = np.ones(np.broadcast(step, total).shape)
+        elif self.schedule == "cosine":
+            factor = 0.5 * (1.0 + np.cos(np.pi * step / total))
+        else:
+            peak = self.peak_epoch / self.epochs * total
+            factor = np.where(step < peak, step / peak, np.maximum(0.0, (total - step) / (total - peak)))
+        return float(factor) if factor.ndim == 0 else factor
 
     def to_dict(self) -> dict:
         d = asdict(self)

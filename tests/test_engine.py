@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from attribution.datasets import load_dataset
+from torch.func import stack_module_state
+
 from attribution.engine import TrainingError, derive_seeds, train_batched, train_model
+from attribution.grouped_mlp import GroupedMLP, linear_chain
+from attribution.models import build_model, mlp
 from attribution.evaluation import accuracy, margins, model_logits
 from attribution.recipes import Recipe, RecipeError, default_recipe
 
@@ -64,6 +68,45 @@ def test_batched_equals_one_model_for_a_cnn(digits):
     result = train_batched("cnn1d", digits, recipe, [3, 4], masks)
     for b, (seed, mask) in enumerate(zip([3, 4], masks)):
         assert max_param_diff(train_model("cnn1d", digits, recipe, seed, mask), result.state, b) < 1e-4
+
+
+def test_grouped_mlp_gradients_equal_autograd_model_by_model(digits):
+    torch.manual_seed(0)
+    models = [mlp(digits.input_shape, digits.num_classes, hidden=(16, 8)) for _ in range(3)]
+    params, _ = stack_module_state(models)
+    grouped = GroupedMLP({k: v.detach() for k, v in params.items()}, linear_chain(models[0]))
+    x = digits.x_train[:30].view(3, 10, -1)
+    y = digits.y_train[:30].view(3, 10)
+    w = torch.full((3, 10), 0.1)
+    w[1] = torch.tensor([1 / 7] * 7 + [0] * 3)  # a short batch: 7 real slots, 3 padded
+    grads = grouped.gradients(x, y, w, label_smoothing=0.1)
+    names = [f"{n}.weight" for n in grouped.layers] + [f"{n}.bias" for n in grouped.layers]
+    for b, model in enumerate(models):
+        keep = w[b] > 0
+        nn.functional.cross_entropy(model(x[b][keep]), y[b][keep], label_smoothing=0.1).backward()
+        expected = dict(model.named_parameters())
+        for name, g in zip(names, grads):
+            g = g[b] if name.endswith("weight") else g[b].squeeze(1)
+            assert torch.allclose(g, expected[name].grad, atol=1e-6), name
+
+
+def test_only_linear_relu_chains_take_the_grouped_path(digits):
+    shape, k = digits.input_shape, digits.num_classes
+    assert linear_chain(mlp(shape, k, hidden=(16, 8))) == ["1", "3", "5"]
+    assert linear_chain(build_model("cnn1d", shape, k, 0)) is None
+    assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, k, bias=False))) is None
+    assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, k), nn.ReLU())) is None
+    assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, k))) is None
+
+
+def test_result_does_not_depend_on_the_grouping(digits):
+    recipe = short(default_recipe("digits"), 2)
+    masks = unequal_masks(digits.n_train, [300, 500, 700, 900, 1100])
+    seeds = [1, 2, 3, 4, 5]
+    one = train_batched("mlp", digits, recipe, seeds, masks, group_size=5)
+    split = train_batched("mlp", digits, recipe, seeds, masks, group_size=2)
+    assert all(torch.equal(one.state[k], split.state[k]) for k in one.state)
+    assert torch.equal(one.logits, split.logits)
 
 
 def test_no_gradient_from_points_outside_the_mask(digits):
@@ -149,6 +192,8 @@ def test_bad_masks_and_seeds_are_refused(digits):
         train_model("mlp", digits, recipe, 0, np.zeros(digits.n_train, dtype=bool))
     with pytest.raises(TrainingError, match="one seed per row"):
         train_batched("mlp", digits, recipe, [0], np.ones((2, digits.n_train), dtype=bool))
+    with pytest.raises(TrainingError, match="group_size"):
+        train_batched("mlp", digits, recipe, [0], np.ones((1, digits.n_train), dtype=bool), group_size=0)
 
 
 @pytest.mark.parametrize("changes, match", [

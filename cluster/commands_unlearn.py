@@ -1,7 +1,11 @@
-"""`dmm unlearn` (one deletion request against a store) and `dmm ledger` (the request history)."""
+"""`dmm unlearn` (one deletion request against a store), `dmm ledger` (the request history) and
+`dmm direct` (DM-Direct's predicted logits, with no model change)."""
 from __future__ import annotations
 
+import numpy as np
+
 from attribution.store import FIT_PREFIXES, AttributionStore
+from matching.direct import dm_direct_prediction
 from matching.finetune import MatchingConfig
 from matching.ledger import format_ledger, read_ledger
 from matching.methods import METHODS
@@ -20,6 +24,13 @@ def unlearn_cmd(args) -> int:
 
 def ledger_cmd(args) -> int:
     print(format_ledger(read_ledger(AttributionStore.open(args.store, mode="r"))))
+    return 0
+
+
+def direct_cmd(args) -> int:
+    h = dm_direct_prediction(args.store, args.forget, args.model, args.attribution)
+    np.save(args.out, h)
+    print(f"wrote DM-Direct logits {h.shape} (train points first) without the ids of {args.forget} -> {args.out}")
     return 0
 
 
@@ -45,6 +56,15 @@ def register(sub) -> None:
     p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
                    help="seconds to wait for another request on the same store")
     p.set_defaults(func=unlearn_cmd)
+
+    p = sub.add_parser("direct", help="DM-Direct: predict the logits of a model retrained without some ids")
+    p.add_argument("--store", required=True, help="attribution store with fitted datamodels (path or fsspec URL)")
+    p.add_argument("--forget", required=True, help="file of training indices to forget (txt, csv or npy)")
+    p.add_argument("--out", required=True, help="output .npy (points × k float32, train points first)")
+    p.add_argument("--model", help="θ0 (default: the θ0 whose logits the store keeps from its first request)")
+    p.add_argument("--attribution", default="datamodels", choices=FIT_PREFIXES,
+                   help="fit group β comes from (default datamodels)")
+    p.set_defaults(func=direct_cmd)
 
     p = sub.add_parser("ledger", help="print the deletion requests recorded in a store")
     p.add_argument("--store", required=True, help="attribution store (path or fsspec URL)")

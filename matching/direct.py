@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from attribution.evaluation import model_logits
 from attribution.store import FIT_PREFIXES, AttributionStore, FitGroup
 
 from .errors import MatchingError
+from .inputs import forget_set, load_store_model, store_dataset
 
 ROW_BATCH = 256  # F rows summed per read, bounding memory at ROW_BATCH × n_points × k
 
@@ -41,15 +43,32 @@ def forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:
 def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "datamodels",
                       original_logits: np.ndarray | None = None) -> np.ndarray:
     """h(x) for every point (float32, n_points × k); θ0's logits default to the ones kept in the store."""
+    fit = fitted_group(store, attribution)
     if original_logits is None:
         original_logits = store.read_original_logits()
         if original_logits is None:
-            raise MatchingError(f"store {store.url} keeps no θ0 logits yet; pass original_logits or make a first "
+            raise MatchingError(f"store {store.url} keeps no θ0 logits yet; pass θ0 (--model) or make a first "
                                 "`dmm unlearn` request, which stores them")
     original_logits = np.asarray(original_logits)
     expected = (store.spec.n_points, store.spec.num_classes)
     if original_logits.shape != expected:
         raise MatchingError(f"θ0 logits have shape {original_logits.shape}, the store expects {expected}; "
                             "evaluate θ0 on train then held-out points")
-    effect = forget_effect(fitted_group(store, attribution), forget_ids)
+    effect = forget_effect(fit, forget_ids)
     return (original_logits - effect).astype(np.float32)
+
+
+def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attribution: str = "datamodels") -> np.ndarray:
+    """The "DM-Direct" method as a predictor: h(x) for every point, no weights changed, nothing written.
+
+    f(θ0) is the model at `model_path` (checked against the store) or, without one, θ0's logits the
+    store keeps from its first deletion request; `forget_ids` is an id file or a sequence of ints.
+    """
+    store = AttributionStore.open(store_url, mode="r")
+    ids = forget_set(forget_ids, store)
+    original = None
+    if model_path is not None:
+        data = store_dataset(store)
+        model, _ = load_store_model(model_path, store, data)
+        original = model_logits(model, data.all_inputs()).numpy()
+    return dm_direct_targets(store, ids, attribution, original)

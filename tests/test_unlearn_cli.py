@@ -153,3 +153,26 @@ def test_two_concurrent_requests_serialise_and_the_ledger_stays_well_formed(worl
     winner = outs[0] if entry.ids == [1, 2, 3] else outs[1]
     assert entry.output_sha256 == file_sha256(winner) and [o.exists() for o in outs].count(True) == 1
     assert AttributionStore.open(store).zarr_array("ledger/entries").shape == (1,)
+
+
+def test_direct_writes_theta0_minus_the_forget_rows_and_changes_nothing(world, tmp_path, capsys):
+    ids = write_ids(tmp_path / "f.txt", "3 1 4")
+    watched = [world["store"], world["theta0"]]
+    before = tree_hashes(*watched)
+    out_kept, out_model = tmp_path / "kept.npy", tmp_path / "model.npy"
+    assert main(["direct", "--store", world["store"], "--forget", str(ids), "--out", str(out_kept)]) == 0
+    assert "wrote DM-Direct logits" in capsys.readouterr().out
+    assert main(["direct", "--store", world["store"], "--forget", str(ids), "--out", str(out_model),
+                 "--model", str(world["theta0"])]) == 0
+    store = AttributionStore.open(world["store"])
+    weight = store.zarr_array("datamodels/weight")[:]
+    expected = store.read_original_logits() - weight[[1, 3, 4]].astype(np.float64).sum(0)
+    for out in (out_kept, out_model):
+        np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+    assert tree_hashes(*watched) == before
+
+    refused = {"no fitted datamodels": ["--store", world["unfitted"], "--model", str(world["theta0"])],
+               "keeps no θ0 logits": ["--store", world["fixture"].url]}
+    for needle, argv in refused.items():
+        assert main(["direct", *argv, "--forget", str(ids), "--out", str(tmp_path / "x.npy")]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / "x.npy").exists()

@@ -18,20 +18,20 @@ from torch import nn
 
 
 def linear_chain(model: nn.Module) -> list[str] | None:
-    """State-dict prefixes of the Linear layers of a Flatten/Linear/ReLU chain ending in a Linear,
+    """State-dict prefixes of the Linear layers of a `Flatten → Linear → ReLU → … → Linear` chain,
     or None when `model` is any other architecture (it then trains through vmap + autograd)."""
-    if not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Sequential) or len(model) < 2:
         return None
-    names, expect_linear = [], True
-    for i, layer in enumerate(model):
-        if isinstance(layer, nn.Flatten) and i == 0:
-            continue
-        if isinstance(layer, nn.Linear) and expect_linear and layer.bias is not None:
+    head, *layers = model
+    if not (isinstance(head, nn.Flatten) and head.start_dim == 1 and head.end_dim == -1):
+        return None
+    names = []
+    for i, layer in enumerate(layers, start=1):
+        if i % 2 and isinstance(layer, nn.Linear) and layer.bias is not None:
             names.append(str(i))
-        elif not (isinstance(layer, nn.ReLU) and not expect_linear):
+        elif i % 2 or not isinstance(layer, nn.ReLU):
             return None
-        expect_linear = not expect_linear
-    return names if names and not expect_linear else None
+    return names if len(layers) % 2 else None
 
 
 class GroupedMLP:

@@ -97,6 +97,8 @@ def test_only_linear_relu_chains_take_the_grouped_path(digits):
     assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, k, bias=False))) is None
     assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, k), nn.ReLU())) is None
     assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, k))) is None
+    assert linear_chain(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, k))) is None  # Linear acts on the last axis
+    assert linear_chain(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.ReLU(), nn.Linear(8, k))) is None
 
 
 def test_result_does_not_depend_on_the_grouping(digits):

@@ -111,8 +111,9 @@ def _batch_plan(masks: torch.Tensor, order_seeds, recipe: Recipe):
     """Index and weight tensors (epochs, steps, B, batch) padding every model to the longest epoch.
 
     A slot's weight is 1/|batch| (the minibatch mean); padded slots repeat an index of the model's own
-    last batch and carry weight 0, so no model ever touches a point outside its subset. Also returns the per-model lr factor table (epochs, steps, B)
-    and the (epochs, steps, B) table of models that take a step.
+    last batch and carry weight 0, so no model ever touches a point outside its subset. Also returns
+    the per-model lr factor table (epochs, steps, B) and the (epochs, steps, B) table of models that
+    take a step.
     """
     bs, epochs = recipe.batch_size, recipe.epochs
     sizes = masks.sum(1)

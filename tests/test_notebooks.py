@@ -1,21 +1,13 @@
 """The notebooks run top to bottom on the embedded default and show what they claim."""
-import json
+import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+sys.path.insert(0, str(NOTEBOOKS))
 
-
-def run_notebook(path: Path) -> dict:
-    """Execute the code cells of `path` in order in one namespace (as a kernel would) and return it."""
-    matplotlib.use("Agg")
-    namespace: dict = {}
-    for cell in json.loads(path.read_text())["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), str(path), "exec"), namespace)
-    return namespace
+from run import run_notebook  # noqa: E402
 
 
 def test_quickstart_predicts_the_effect_of_forgetting():

@@ -1,6 +1,6 @@
 """Shared fixtures: token auth for every Ray the suite starts (`ray_token`), one local Ray for the
-whole suite (`ray_session`), a real `ray start --head` cluster on 127.0.0.1 (`ray_head`), and the
-`dmm` command line as a subprocess (`run_dmm`)."""
+whole suite (`ray_session`), a real `ray start --head` cluster on 127.0.0.1 (`ray_head`), the
+`dmm` command line as a subprocess (`run_dmm`), and one torch thread per module (`one_torch_thread`)."""
 from __future__ import annotations
 
 import logging
@@ -17,10 +17,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: its models and solves are tiny, and on a shared 2-core machine
+    torch's threads wait for a free core at every call (up to 10x slower); results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ Callers that make requests copy the store first (`copy_store`).
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,12 @@ def train_and_save(fixture: DigitsStore, paths, seeds, excluded=()) -> list[Path
     for b, (path, seed) in enumerate(zip(paths, seeds)):
         save_model(path, trained.state_dict(b), model_meta(data, MODEL, fixture.recipe, int(seed), excluded=meta_excluded))
     return [Path(p) for p in paths]
+
+
+def tree_hashes(*roots) -> dict[str, str]:
+    """sha256 of every file under each root (or of the root itself if it is a file), keyed by path."""
+    out = {}
+    for root in map(Path, roots):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return out

@@ -16,14 +16,7 @@ from attribution.datasets import load_dataset
 from attribution.recipes import default_recipe
 from cluster.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a 2-core machine shared with other jobs: intra-op threads only add contention for these tiny models
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 import zarr
 from zarr.storage import LocalStore
 
@@ -29,22 +28,14 @@ from cluster.fit import FitConfig, fit_store
 
 from fixtures_store import BLOCK_SIZE, MODEL, DigitsStore, digits_subset
 
-pytestmark = [pytest.mark.filterwarnings("ignore:lasso:RuntimeWarning"),  # max_iter=50 is cut short on purpose
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:lasso:RuntimeWarning"),  # max_iter=50 is cut short on purpose
               pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")]  # all-zero β: NaN LDS
 
 NUM_MODELS = 200
 # 500 points / 128 → 4 chunks, the last one partial (116 targets)
 CONFIG = FitConfig(holdout_models=20, path_length=4, tol=1e-3, max_iter=50, targets_per_chunk=128)
 FIT_ARRAYS = ("weight", "bias", "lam", "lds", "lds_margin")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny solves on a busy machine: one BLAS thread is faster and keeps results reproducible
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

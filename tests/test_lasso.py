@@ -15,16 +15,7 @@ from attribution.lasso import (
     solve_lasso,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These problems are tiny: with a busy machine, multi-threaded BLAS calls on
-    # 40×40 matrices wait for a free core at every call (10 ms each). One thread
-    # keeps the file fast; correctness does not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _problem(m=160, n=40, t=6, seed=0, noise=1.0):

@@ -1,10 +1,8 @@
 """DM-Direct, the logit-matching loop, DMM/OM requests and the ledger (matching/)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import matching.methods as methods
 from attribution.checkpoint import file_sha256, load_model
 from attribution.evaluation import accuracy, model_logits
 from attribution.store import AttributionStore, StoreSpec
-from fixtures_store import copy_store, digits_store, train_and_save
+from fixtures_store import copy_store, digits_store, train_and_save, tree_hashes
 from matching.direct import dm_direct_targets
 from matching.errors import MatchingError
 from matching.finetune import MatchingConfig, match_logits, matching_points
@@ -27,22 +25,7 @@ from matching.ledger import ids_sha256, read_ledger, store_lock
 from matching.methods import METHODS, get_method, register_method
 from matching.request import unlearn_request
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a shared 2-core machine: intra-op threads only add contention for these tiny models
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tree_hashes(*roots) -> dict[str, str]:
-    out = {}
-    for root in map(Path, roots):
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- DM-Direct on a synthetic store

@@ -20,16 +20,7 @@ SETTINGS = trak.TrakSettings(checkpoints=2, proj_dim=128, holdout_models=HOLDOUT
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """On a shared 2-core machine torch's 2 threads contend with other jobs (10× slower): use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory, one_thread):
+def tiny_store(tmp_path_factory, one_torch_thread):
     """A digits store with 64 subset models (α = 0.5, default recipe) and its trak/ group computed once."""
     data = load_dataset("digits")
     recipe = default_recipe(data.name)

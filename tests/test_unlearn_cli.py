@@ -1,7 +1,6 @@
 """`dmm unlearn` and `dmm ledger` (cluster/commands_unlearn.py): output, bad input, concurrency."""
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import time
@@ -9,33 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from attribution.checkpoint import file_sha256, model_meta, save_model
 from attribution.models import mlp
 from attribution.store import AttributionStore
 from cluster.cli import main
-from fixtures_store import MODEL, copy_store, digits_store, train_and_save
+from fixtures_store import MODEL, copy_store, digits_store, train_and_save, tree_hashes
 from matching.ledger import read_ledger, store_lock
 from matching.request import unlearn_request
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tree_hashes(*roots) -> dict[str, str]:
-    out = {}
-    for root in map(Path, roots):
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    return out
 
 
 def write_ids(path: Path, text: str) -> Path:

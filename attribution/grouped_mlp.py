@@ -47,19 +47,19 @@ class GroupedMLP:
     def parameters(self) -> list[torch.Tensor]:
         return self.weights + self.biases
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature-major activations [H_0ᵀ, …, H_{L-1}ᵀ, Z_Lᵀ] for inputs x (B, batch, ...)."""
-        h = [x.flatten(2).transpose(1, 2)]
-        for W, b in zip(self.weights[:-1], self.biases[:-1]):
-            h.append(torch.baddbmm(b, W, h[-1]).clamp_(min=0))
-        return h + [torch.baddbmm(self.biases[-1], self.weights[-1], h[-1])]
+    def forward(self, x: torch.Tensor, shared: bool = False) -> list[torch.Tensor]:
+        """Feature-major activations [H_0ᵀ, …, H_{L-1}ᵀ, Z_Lᵀ] for per-model inputs x (B, batch, ...),
+        or for inputs every model sees, x (batch, ...) with `shared` (one matmul, x never copied B times)."""
+        h = [x.flatten(1).t() if shared else x.flatten(2).transpose(1, 2)]
+        for W, b in zip(self.weights, self.biases):
+            z = torch.baddbmm(b, W, h[-1]) if h[-1].dim() == 3 else torch.matmul(W, h[-1]).add_(b)
+            h.append(z.clamp_(min=0) if len(h) < len(self.weights) else z)
+        return h
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
         """Logits (B, N, k) of every model on the shared inputs x (N, ...), in chunks of points."""
-        B = self.weights[0].shape[0]
-        return torch.cat([self.forward(xb.unsqueeze(0).expand(B, *xb.shape))[-1].transpose(1, 2)
-                          for xb in x.split(chunk)], dim=1)
+        return torch.cat([self.forward(xb, shared=True)[-1].transpose(1, 2) for xb in x.split(chunk)], dim=1)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                   label_smoothing: float) -> list[torch.Tensor]:

@@ -62,6 +62,17 @@ def test_batched_equals_one_model_trainer(digits, name):
         assert torch.allclose(result.logits[b], expected, atol=1e-4)
 
 
+def test_grouped_mlp_on_image_shaped_inputs_equals_one_model_trainer(digits):
+    images = replace(digits, x_train=digits.x_train.view(-1, 1, 8, 8), x_test=digits.x_test.view(-1, 1, 8, 8))
+    recipe = short(default_recipe("digits"), epochs=2)
+    masks = unequal_masks(images.n_train, [500, 800])
+    result = train_batched("mlp", images, recipe, [5, 6], masks)
+    for b, (seed, mask) in enumerate(zip([5, 6], masks)):
+        model = train_model("mlp", images, recipe, seed, mask)
+        assert max_param_diff(model, result.state, b) < 1e-4
+        assert torch.allclose(result.logits[b], model_logits(model, images.all_inputs()), atol=1e-4)
+
+
 def test_batched_equals_one_model_for_a_cnn(digits):
     recipe = short(default_recipe("digits"), epochs=2)
     masks = unequal_masks(digits.n_train, [400, 900])

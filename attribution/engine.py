@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .datasets import Dataset
+from .evaluation import model_logits
 from .grouped_mlp import GroupedMLP, linear_chain
 from .models import build_model
 from .recipes import Recipe
@@ -231,15 +232,13 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
     for m in masks:
         _check_mask(m, data.n_train)
     derived = [derive_seeds(s) for s in seeds]
-    models = [build_model(model_name, data.input_shape, data.num_classes, init) for init, _ in derived]
-    if has_batchnorm(models[0]):
+    if has_batchnorm(build_model(model_name, data.input_shape, data.num_classes, derived[0][0])):
         _warn_fallback_once(model_name)
         trained = [train_model(model_name, data, recipe, s, m, device) for s, m in zip(seeds, masks)]
         state = {k: torch.stack([t.state_dict()[k] for t in trained]) for k in trained[0].state_dict()}
-        with torch.no_grad():
-            logits = torch.stack([torch.cat([t(xb) for xb in data.all_inputs().to(device).split(1024)])
-                                  for t in trained])
+        logits = torch.stack([model_logits(t, data.all_inputs()) for t in trained]).to(device)
         return BatchedResult(state, logits)
+    models = [build_model(model_name, data.input_shape, data.num_classes, init) for init, _ in derived]
     results = [_train_group(models[lo:lo + group_size], [o for _, o in derived[lo:lo + group_size]],
                             masks[lo:lo + group_size], data, recipe, device)
                for lo in range(0, len(seeds), group_size)]
@@ -255,7 +254,6 @@ def _train_group(models: list[nn.Module], order_seeds: list[int], masks: torch.T
     params = {k: v.detach().to(device) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
     layers = linear_chain(models[0])
-    base = copy.deepcopy(models[0]).to("meta")
     if layers is not None:
         grouped = GroupedMLP(params, layers)
         trainable = grouped.parameters()
@@ -263,6 +261,7 @@ def _train_group(models: list[nn.Module], order_seeds: list[int], masks: torch.T
         def gradients(xb, yb, w):
             return grouped.gradients(xb, yb, w, recipe.label_smoothing)
     else:
+        base = copy.deepcopy(models[0]).to("meta")  # structure only: the stacked tensors hold the values
         trainable = [v.requires_grad_(True) for v in params.values()]
         batched_forward = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))
 

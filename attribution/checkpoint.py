@@ -1,7 +1,8 @@
 """Model files: a safetensors state dict plus a JSON sidecar (dataset fingerprint, model, recipe, seed).
 
 Nothing is ever unpickled: `.safetensors` files are read with safetensors, `.pt` files with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`; a sidecar naming a `module:callable` model is resolved only with
+`trust_code=True` (see attribution/models.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .datasets import Dataset
-from .models import build_model
+from .models import build_model, require_consent
 from .recipes import Recipe
 from .errors import DmmError
 
@@ -78,17 +79,21 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
-def load_model(path: str | Path, data: Dataset | None = None):
-    """Rebuild the model named in the sidecar and load its weights; check the dataset fingerprint."""
+def load_model(path: str | Path, data: Dataset | None = None, trust_code: bool = False,
+               device: str | torch.device = "cpu"):
+    """Rebuild the model named in the sidecar on `device` and load its weights; check the dataset fingerprint.
+
+    The sidecar is untrusted: a `module:callable` model is imported only with `trust_code=True`, and a
+    dataset it names is loaded from disk, never downloaded.
+    """
     state, meta = load_state(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("dataset"), str) or not isinstance(meta.get("model"), str):
         raise CheckpointError(f"{sidecar_path(path)} lacks the dataset and model names; keep the sidecar "
                               "written by `dmm train`")
-    from .datasets import load_dataset
+    require_consent(meta["model"], f"model sidecar {sidecar_path(path)}", trust_code)
+    from .datasets import check_fingerprint, load_dataset
     data = data or load_dataset(meta["dataset"])
-    if meta.get("fingerprint") != data.fingerprint:  # also when the dataset was loaded from the sidecar's name
-        raise CheckpointError(f"{path} was trained on other data (fingerprint {str(meta.get('fingerprint'))[:12]}"
-                              f" vs {data.fingerprint[:12]}); use a model trained on {data.name}")
+    check_fingerprint(data, meta.get("fingerprint"), f"model {path}")  # also when data came from the sidecar's name
     model = build_model(meta["model"], data.input_shape, data.num_classes, seed=0)
     try:
         model.load_state_dict(state)
@@ -96,4 +101,4 @@ def load_model(path: str | Path, data: Dataset | None = None):
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not fit model {meta['model']!r} ({first}); "
                               "give a model of the store's architecture") from None
-    return model.eval(), meta
+    return model.to(device).eval(), meta

@@ -2,10 +2,13 @@
 
 Every dataset carries a content fingerprint (sha256 over its arrays and split) that the
 attribution store records, so a store can never be reused with other data.
+
+Loading never writes user files and touches the network only with `download=True`, which only a
+dataset the user named (`--dataset`) gets: a name read from a model sidecar or a store loads what is
+already on disk (an `npz:` path is only read, and only if it is a regular file).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import pickle
@@ -51,6 +54,19 @@ class Dataset:
 
     def all_labels(self) -> torch.Tensor:
         return torch.cat([self.y_train, self.y_test])
+
+
+class FingerprintMismatch(DatasetError):
+    """Data whose fingerprint differs from the one a store or model was built on."""
+
+
+def check_fingerprint(data: Dataset, fingerprint: str, owner: str) -> None:
+    """Refuse ``data`` unless its fingerprint is ``fingerprint``, the one ``owner`` (a store, a model file) records."""
+    if data.fingerprint != fingerprint:
+        raise FingerprintMismatch(
+            f"{owner} was built on other data (fingerprint {str(fingerprint)[:12]}), but {data.name} here has "
+            f"{data.fingerprint[:12]}; fix: use the data {owner} was built on, the same files on every node"
+        )
 
 
 def fingerprint_arrays(x_train, y_train, x_test, y_test) -> str:
@@ -134,10 +150,15 @@ def _file_md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def cifar10_archive(root: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5) -> Path:
-    """The official python-format archive under root, downloaded once and checksum-verified."""
+def cifar10_archive(root: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
+                    download: bool = False) -> Path:
+    """The official python-format archive under root, checksum-verified; fetched once if `download`."""
     path = root / "cifar-10-python.tar.gz"
     if not path.exists():
+        if not download:
+            raise DatasetError(f"cifar10: no archive at {path} and no download asked for (a dataset named by a "
+                               "model file or store is never downloaded); pass --dataset cifar10 to `dmm train` or "
+                               f"`dmm estimate` once (API: download=True), or put {url} there")
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")
         try:
@@ -183,13 +204,16 @@ def read_cifar10_archive(path: Path) -> Dataset:
     return make_dataset("cifar10", normalise(x_tr), y_tr, normalise(x_te), y_te, num_classes=10)
 
 
-def load_cifar10_dataset() -> Dataset:
+def load_cifar10_dataset(download: bool = False) -> Dataset:
+    """CIFAR-10 from its archive in $DMM_DATA (default ~/.cache/dmm-pipeline); fetched there if `download`."""
     root = Path(os.environ.get("DMM_DATA", Path.home() / ".cache" / "dmm-pipeline"))
-    return read_cifar10_archive(cifar10_archive(root))
+    return read_cifar10_archive(cifar10_archive(root, download=download))
 
 
 def load_npz_dataset(path: str) -> Dataset:
-    """User arrays in an .npz file with keys x_train, y_train, x_test, y_test."""
+    """User arrays in an .npz file with keys x_train, y_train, x_test, y_test (read only, never pickled)."""
+    if not Path(path).is_file():
+        raise DatasetError(f"npz:{path} is not a file; give the path of an .npz written by numpy.savez")
     try:
         f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):
@@ -211,9 +235,10 @@ def load_npz_dataset(path: str) -> Dataset:
     return make_dataset(f"npz:{path}", **arrays)
 
 
+# every loader takes `download`: whether a missing file may be fetched from the network
 DATASETS = {
-    "digits": load_digits_dataset,
-    "mnist1d": load_mnist1d_dataset,
+    "digits": lambda download: load_digits_dataset(),  # bundled with scikit-learn
+    "mnist1d": lambda download: load_mnist1d_dataset(),  # generated offline
     "cifar10": load_cifar10_dataset,
 }
 
@@ -221,15 +246,23 @@ DATASETS = {
 DEFAULT_DATASET = "digits"
 
 
-def load_dataset(name: str = DEFAULT_DATASET) -> Dataset:
-    """`digits` (default), `mnist1d`, `cifar10`, or `npz:PATH`. Treat the tensors as read-only."""
+def check_dataset_name(name: str) -> None:
+    """Refuse a name that is neither registered nor `npz:PATH`, before anything is loaded."""
+    if not name.startswith("npz:") and name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or npz:PATH")
+
+
+def load_dataset(name: str = DEFAULT_DATASET, download: bool = False) -> Dataset:
+    """`digits` (default), `mnist1d`, `cifar10`, or `npz:PATH`. Treat the tensors as read-only.
+
+    `download=True` (only for a dataset the user named) lets a missing CIFAR-10 archive be fetched.
+    """
+    check_dataset_name(name)
     if name.startswith("npz:"):
         return load_npz_dataset(name[4:])
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or npz:PATH")
-    return _load_registered(name)
+    if name not in _LOADED:
+        _LOADED[name] = DATASETS[name](download=download)
+    return _LOADED[name]
 
 
-@functools.lru_cache(maxsize=None)
-def _load_registered(name: str) -> Dataset:
-    return DATASETS[name]()
+_LOADED: dict[str, Dataset] = {}  # registered datasets, loaded once per process

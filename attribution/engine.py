@@ -6,8 +6,9 @@ over S) — vectorised over the models: parameters are stacked along a leading m
 Linear/ReLU chain is stepped with hand-written batched matmuls (`grouped_mlp`), any other
 architecture with `torch.func.vmap(functional_call)` and autograd; SGD/Adam are applied to the
 stacked tensors with a per-model learning rate. Both trainers follow the same recipe semantics and
-the same per-model minibatch order, so for equal (seed, subset) they give the same parameters up to
-float rounding.
+the same per-model minibatch order and augmentation draws (`augment`), so for equal (seed, subset)
+they give the same parameters up to float rounding. With a fixed thread count and CPU, each trainer
+is bitwise deterministic given seeds.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .augment import Augmentation
 from .datasets import Dataset
 from .evaluation import model_logits
 from .grouped_mlp import GroupedMLP, linear_chain
@@ -59,6 +61,7 @@ def train_model(model_name: str, data: Dataset, recipe: Recipe, seed: int, mask=
                 device: str | torch.device = "cpu") -> nn.Module:
     """Train one model on S' = {i : mask[i]} (all of S when mask is None) with `recipe` and `seed`."""
     mask = torch.ones(data.n_train, dtype=torch.bool) if mask is None else _check_mask(mask, data.n_train)
+    augment = Augmentation.from_recipe(recipe, data.input_shape)
     init_seed, order_seed = derive_seeds(seed)
     model = build_model(model_name, data.input_shape, data.num_classes, init_seed).to(device)
     order = epoch_permutations(mask.nonzero().squeeze(1), recipe.epochs, order_seed)
@@ -72,11 +75,15 @@ def train_model(model_name: str, data: Dataset, recipe: Recipe, seed: int, mask=
                                weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: recipe.lr_factor(t, total_steps))
     x, y = data.x_train.to(device), data.y_train.to(device)
+    generator = augment.generator(seed) if augment else None
     model.train()
     for epoch in batches:
         for idx in epoch:
             idx = idx.to(device)
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=recipe.label_smoothing)
+            xb = x[idx]
+            if augment:
+                xb = augment(xb, augment.draw(generator, recipe.batch_size)[:len(idx)].to(device))
+            loss = F.cross_entropy(model(xb), y[idx], label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -219,8 +226,9 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
                   device: str | torch.device = "cpu", group_size: int = DEFAULT_GROUP_SIZE) -> BatchedResult:
     """Train B models, model b on {i : masks[b, i]} with seed seeds[b], vectorised over the models.
 
-    The models are trained `group_size` at a time, one vectorised pass per group; a model's result
-    does not depend on its group.
+    The models are trained `group_size` at a time, one vectorised pass per group. A model's result
+    does not depend on its group bitwise with one torch thread; with more, a small group's matmuls may
+    be split across threads otherwise and results agree to float rounding (≈ 1e-7).
     """
     masks = torch.as_tensor(np.asarray(masks))
     seeds = [int(s) for s in seeds]
@@ -231,6 +239,7 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
         raise TrainingError(f"group_size must be >= 1; got {group_size}")
     for m in masks:
         _check_mask(m, data.n_train)
+    augment = Augmentation.from_recipe(recipe, data.input_shape)
     derived = [derive_seeds(s) for s in seeds]
     if has_batchnorm(build_model(model_name, data.input_shape, data.num_classes, derived[0][0])):
         _warn_fallback_once(model_name)
@@ -239,17 +248,18 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
         logits = torch.stack([model_logits(t, data.all_inputs()) for t in trained]).to(device)
         return BatchedResult(state, logits)
     models = [build_model(model_name, data.input_shape, data.num_classes, init) for init, _ in derived]
-    results = [_train_group(models[lo:lo + group_size], [o for _, o in derived[lo:lo + group_size]],
-                            masks[lo:lo + group_size], data, recipe, device)
+    results = [_train_group(models[lo:lo + group_size], seeds[lo:lo + group_size], masks[lo:lo + group_size],
+                            data, recipe, device, augment)
                for lo in range(0, len(seeds), group_size)]
     state = {k: torch.cat([r.state[k] for r in results]) for k in results[0].state}
     return BatchedResult(state, torch.cat([r.logits for r in results]))
 
 
-def _train_group(models: list[nn.Module], order_seeds: list[int], masks: torch.Tensor, data: Dataset,
-                 recipe: Recipe, device) -> BatchedResult:
+def _train_group(models: list[nn.Module], seeds: list[int], masks: torch.Tensor, data: Dataset,
+                 recipe: Recipe, device, augment: Augmentation | None) -> BatchedResult:
     """One vectorised pass over a group of models: hand-written MLP steps where the architecture is a
-    Linear/ReLU chain (`grouped_mlp`), `vmap(functional_call)` + autograd for anything else."""
+    Linear/ReLU chain (`grouped_mlp`), `vmap(functional_call)` + autograd for anything else. With
+    `augment`, a model draws its batch's augmentation from its own generator at the steps it takes."""
     params, buffers = stack_module_state(models)
     params = {k: v.detach().to(device) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
@@ -270,15 +280,21 @@ def _train_group(models: list[nn.Module], order_seeds: list[int], masks: torch.T
             ce = cross_entropy_per_sample(logits.flatten(0, 1), yb.flatten(), recipe.label_smoothing).view_as(w)
             return list(torch.autograd.grad((ce * w).sum(), trainable))
 
-    index, weight, lr_factor, active = _batch_plan(masks, order_seeds, recipe)
+    index, weight, lr_factor, active = _batch_plan(masks, [derive_seeds(s)[1] for s in seeds], recipe)
     opt = StackedOptimizer(trainable, recipe)
     x, y = data.x_train.to(device), data.y_train.to(device)
+    generators = [augment.generator(s) for s in seeds] if augment else None
     for e in range(index.shape[0]):
         for s in range(index.shape[1]):
             idx, w = index[e, s].to(device), weight[e, s].to(device)
             flat = idx.flatten()
-            grads = gradients(x.index_select(0, flat).view(*idx.shape, *x.shape[1:]),
-                              y.index_select(0, flat).view(idx.shape), w)
+            xb = x.index_select(0, flat)
+            if augment:
+                idle = torch.zeros(recipe.batch_size, dtype=torch.long)  # a model without a batch draws nothing
+                codes = [augment.draw(g, recipe.batch_size) if a else idle
+                         for g, a in zip(generators, active[e, s].tolist())]
+                xb = augment(xb, torch.cat(codes).to(device))
+            grads = gradients(xb.view(*idx.shape, *x.shape[1:]), y.index_select(0, flat).view(idx.shape), w)
             opt.step(grads, recipe.lr * lr_factor[e, s].to(device), active[e, s].to(device))
     x_all = data.all_inputs().to(device)
     if layers is not None:

@@ -8,42 +8,32 @@ LDS compares the margin of the predicted k-logit vector with the real margin.
 from __future__ import annotations
 
 import numpy as np
+import scipy.stats
 import torch
 
 from .errors import DmmError
 from .evaluation import margins
 
 
-def average_ranks(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..H along axis 0 of a (H, ...) array; tied values share their average rank."""
-    a = np.asarray(a)
-    order = np.argsort(a, axis=0, kind="stable")
-    ordered = np.take_along_axis(a, order, axis=0)
-    pos = np.arange(a.shape[0]).reshape((-1,) + (1,) * (a.ndim - 1))
-    pos = np.broadcast_to(pos, a.shape)
-    starts = np.ones(a.shape, dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    ends = np.ones(a.shape, dtype=bool)
-    ends[:-1] = starts[1:]
-    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=0)
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, a.shape[0]), axis=0), axis=0), axis=0)
-    ranks = np.empty(a.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=0)
-    return ranks
-
-
 def lds(pred: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Spearman correlation over models (axis 0) of pred vs real, (H, ...) → (...); NaN if a column is constant."""
+    """Spearman correlation over models (axis 0) of pred vs real, (H, ...) → (...).
+
+    A constant prediction of a varying output (e.g. an all-zero datamodel) scores 0: it predicts none of
+    the output's variation, and dropping it as undefined would inflate the mean. NaN only where the real
+    output itself is constant (nothing to predict).
+    """
     pred, real = np.asarray(pred), np.asarray(real)
     if pred.shape != real.shape or pred.ndim < 1:
         raise DmmError(f"LDS needs predictions and outputs of one shape (H, ...), got {pred.shape} and {real.shape}; "
                        "fix: evaluate both on the same held-out models and targets")
-    rp = average_ranks(pred)
-    rr = average_ranks(real)
+    rp = scipy.stats.rankdata(pred, axis=0)
+    rr = scipy.stats.rankdata(real, axis=0)
     rp -= rp.mean(axis=0)
     rr -= rr.mean(axis=0)
+    pp, rr2 = (rp * rp).sum(0), (rr * rr).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (rp * rr).sum(0) / np.sqrt((rp * rp).sum(0) * (rr * rr).sum(0))
+        corr = (rp * rr).sum(0) / np.sqrt(pp * rr2)
+    return np.where((pp == 0) & (rr2 > 0), 0.0, corr)
 
 
 def predict(masks: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -79,17 +69,40 @@ def holdout_split(num_models: int, holdout: int) -> tuple[slice, slice]:
 
 
 def summarize(values: np.ndarray) -> dict:
-    """Mean and quartiles of the finite values (NaN = constant output or not measured); n counts them."""
+    """Mean and quartiles of the finite values; n counts them, ``undefined`` the NaN ones left out.
+
+    NaN marks a target whose real output never varies (see :func:`lds`) or one not measured yet.
+    """
     v = np.asarray(values, dtype=np.float64).ravel()
+    undefined = int(np.isnan(v).sum())
     v = v[np.isfinite(v)]
     if v.size == 0:
-        return {"mean": float("nan"), "q25": float("nan"), "median": float("nan"), "q75": float("nan"), "n": 0}
+        nan = float("nan")
+        return {"mean": nan, "q25": nan, "median": nan, "q75": nan, "n": 0, "undefined": undefined}
     q25, median, q75 = np.percentile(v, [25, 50, 75])
-    return {"mean": float(v.mean()), "q25": float(q25), "median": float(median), "q75": float(q75), "n": int(v.size)}
+    return {"mean": float(v.mean()), "q25": float(q25), "median": float(median), "q75": float(q75),
+            "n": int(v.size), "undefined": undefined}
 
 
 def format_summary(name: str, summary: dict) -> str:
-    """One line: ``LDS <name>: mean 0.312 | q25 0.201  median 0.305  q75 0.418 (n=1797)``."""
+    """One line: ``LDS <name>: mean 0.312 | q25 0.201  median 0.305  q75 0.418 (n=1797)``, plus
+    ``, 3 undefined left out`` when some values were NaN."""
     s = summary
+    left_out = f", {s['undefined']} undefined left out" if s.get("undefined") else ""
     return (f"LDS {name}: mean {s['mean']:.3f} | q25 {s['q25']:.3f}  median {s['median']:.3f}  "
-            f"q75 {s['q75']:.3f} (n={s['n']})")
+            f"q75 {s['q75']:.3f} (n={s['n']}{left_out})")
+
+
+def report(per_class: np.ndarray, margin: np.ndarray, n_train: int) -> dict[str, dict]:
+    """The LDS summaries `dmm fit` and `dmm trak` print, by name: held-out then train points, per class then margin.
+
+    per_class (p, k) and margin (p,) are a fit group's ``lds`` and ``lds_margin``; the first n_train points are train points.
+    """
+    per_class, margin, n = np.asarray(per_class), np.asarray(margin), n_train
+    return {"held-out points, per class": summarize(per_class[n:]), "held-out points, margin": summarize(margin[n:]),
+            "train points, per class": summarize(per_class[:n]), "train points, margin": summarize(margin[:n])}
+
+
+def format_report(summaries: dict[str, dict]) -> list[str]:
+    """One indented :func:`format_summary` line per entry of :func:`report`."""
+    return ["  " + format_summary(name, summary) for name, summary in summaries.items()]

@@ -2,6 +2,10 @@
 
 A factory takes (input_shape, num_classes) and returns an `nn.Module` mapping a batch of inputs to
 k logits. Initialisation is seeded by the caller (`build_model(..., seed=s)`), so a seed fixes θ's init.
+
+Resolving `module:callable` imports the module, which runs its code. A name the user typed is trusted;
+a name read from a file (a model sidecar, a store's attributes) is resolved only with consent:
+`require_consent` refuses it unless the user passed --trust-code (`trust_code=True`).
 """
 from __future__ import annotations
 
@@ -119,4 +123,21 @@ def build_model(name: str, input_shape, num_classes: int, seed: int) -> nn.Modul
 
 
 def default_model(dataset_name: str) -> str:
-    return DEFAULT_MODEL.get(dataset_name, "mlp")
+    """The model a dataset gets without --model; only the registered datasets have one."""
+    if dataset_name not in DEFAULT_MODEL:
+        raise ModelError(f"no default model for dataset {dataset_name!r}; pass --model "
+                         f"({', '.join(MODELS)} or module:callable) and --recipe")
+    return DEFAULT_MODEL[dataset_name]
+
+
+def names_code(name: str) -> bool:
+    """Whether resolving `name` would import a module (a `module:callable`, not a registry name)."""
+    return name not in MODELS and ":" in name
+
+
+def require_consent(name: str, source: str, trust_code: bool) -> None:
+    """Refuse a `module:callable` that `source` (a file) names unless the user consented; imports nothing."""
+    if names_code(name) and not trust_code:
+        module = name.partition(":")[0]
+        raise ModelError(f"{source} names the model factory {name!r}: loading it would import module {module!r} "
+                         "and run its code; if you trust this file, pass --trust-code (API: trust_code=True)")

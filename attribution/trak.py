@@ -3,7 +3,8 @@
 TRAK (Park et al. 2023, package ``traker``) scores train point i for a target output g(x) as
 τ[i, x] = ∇g(x)ᵀ (ΦᵀΦ)⁻¹ φ_i · Q_i, averaged over C checkpoints θ^(1..C) (models trained on all of S,
 seeds 0..C−1, the store's model and recipe), with φ_i the projected gradient of train point i's
-margin and Q_i = 1 − p_i (its correct-class softmax probability).
+margin and Q_i = 1 − p_i (its correct-class softmax probability). The checkpoints are trained once,
+kept in ``trak/checkpoints`` before the first chunk is scored, and reused by every resumed run.
 
 Class mapping. DM-Direct needs β for all k logits: h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:}. The train
 side (Φ, Q) depends only on the training loss, so only the measured output changes per class: we
@@ -13,9 +14,10 @@ rescaled margin score.
 
 Calibration. TRAK's overall scale is arbitrary, so for every (x, c) we fit by least squares on the
 store's subset models y_j ≈ a·(S_j·τ[:, x, c]) + b, with y_j = logit_c(x) of subset model j, and
-write β[:, x, c] = a·τ[:, x, c], β0[x, c] = b. The first H subset models are held out of the fit
-(:func:`attribution.lds.holdout_split`, as in `dmm fit`); ``trak/lds`` and ``trak/lds_margin`` are
-the LDS of the calibrated β on them. ``trak/lam`` stays NaN (TRAK has no λ).
+write β[:, x, c] = a·τ[:, x, c], β0[x, c] = b. The subset models are the blocks complete when the fit
+starts (``calibration_blocks`` in the group's config, kept when the store grows later); the first H
+are held out of the fit (:func:`attribution.lds.holdout_split`, as in `dmm fit`); ``trak/lds`` and
+``trak/lds_margin`` are the LDS of the calibrated β on them. ``trak/lam`` stays NaN (TRAK has no λ).
 
 Measured on digits (mlp, 1024 subset models, H = 100, P = 179): mean margin LDS 0.45 / 0.49 / 0.51
 with C = 4 / 8 / 16 checkpoints; 0.34 with C = 16, P = 512.
@@ -31,19 +33,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from tqdm import tqdm
 from trak import TRAKer
 from trak.modelout_functions import ImageClassificationModelOutput
 
 from . import lds as lds_mod
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, check_fingerprint, load_dataset
 from .engine import train_batched
 from .errors import DmmError
-from .models import build_model
+from .fit_group import FitGroup, refuse_other_settings
+from .models import build_model, require_consent
 from .recipes import Recipe
-from .store import AttributionStore
+from .store import AttributionStore, StoreError
+from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs
 
 PREFIX = "trak"
+CHECKPOINTS = "checkpoints"  # trak/checkpoints/<state-dict entry>: C × shape, the checkpoints every chunk uses
 
 
 class ClassLogitOutput(ImageClassificationModelOutput):
@@ -108,7 +114,7 @@ class TrakReport:
     written: int
     skipped: int
     calibration_models: int
-    lds: dict  # name -> summarize(...) of the calibrated scores' LDS on the held-out models
+    lds: dict  # lds.report(...) of the calibrated scores' LDS on the held-out models
 
 
 def device_name() -> str:
@@ -191,23 +197,79 @@ def calibrate(scores: np.ndarray, masks: np.ndarray, logits: np.ndarray) -> tupl
     return (scores * slope.astype(np.float32)).astype(np.float32), intercept.astype(np.float32)
 
 
+def _checkpoints_node(group: FitGroup) -> zarr.Group | None:
+    node = group.store.group[group.prefix].get(CHECKPOINTS)
+    return node if isinstance(node, zarr.Group) and node.attrs.get("names") is not None else None
+
+
+def stored_checkpoints(group: FitGroup) -> list[dict] | None:
+    """The checkpoints θ^(1..C) kept in ``trak/checkpoints`` (None if none were kept)."""
+    node = _checkpoints_node(group)
+    if node is None:
+        return None
+    arrays = {name: np.asarray(node[name][...]) for name in node.attrs["names"]}
+    return [{name: torch.from_numpy(np.array(a[c])) for name, a in arrays.items()} for c in range(node.attrs["count"])]
+
+
+def keep_checkpoints(group: FitGroup, checkpoints: list[dict]) -> None:
+    """Write θ^(1..C) under ``trak/checkpoints`` (one array per state-dict entry, C × shape); names last, as marker."""
+    fingerprint = group.store.fingerprint
+    node = group.store.group[group.prefix].create_group(CHECKPOINTS, overwrite=True)
+    for name in checkpoints[0]:
+        value = np.stack([state[name].detach().cpu().numpy() for state in checkpoints])
+        node.create_array(name, shape=value.shape, chunks=value.shape, dtype=value.dtype, compressors=COMPRESSORS,
+                          config=ARRAY_CONFIG, attributes=array_attrs(fingerprint, f"{name} of checkpoints 1..C"))[...] = value
+    node.attrs.update({"count": len(checkpoints), "names": list(checkpoints[0])})
+
+
+def checkpoints_for(group: FitGroup, data: Dataset, model_name: str, recipe: Recipe, count: int,
+                    device: str) -> list[dict]:
+    """θ^(1..C) of a TRAK fit: those its first chunks used, else trained now and kept before any chunk is scored."""
+    kept = stored_checkpoints(group)
+    if kept is not None:
+        return kept
+    if group.completed_chunks():
+        raise StoreError(f"{group.prefix}/ in {group.store.url} has scored chunks but no kept checkpoints (written by "
+                         "an older version); fix: pass --overwrite to start over")
+    checkpoints = train_checkpoints(data, model_name, recipe, count, device)
+    keep_checkpoints(group, checkpoints)
+    return checkpoints
+
+
+def calibration_blocks(store: AttributionStore, overwrite: bool) -> list[int]:
+    """The subset-model blocks a TRAK fit calibrates on: those its first chunks used, else all completed ones."""
+    config = store.fit_group(PREFIX).config if store.has_fit_group(PREFIX) and not overwrite else {}
+    return config.get("calibration_blocks") or store.completed_blocks()
+
+
 def run_trak(store: AttributionStore, settings: TrakSettings = TrakSettings(), overwrite: bool = False,
-             progress: bool = False) -> TrakReport:
-    """Fill ``trak/`` chunk by chunk (done chunks are skipped) and return the LDS of the calibrated scores."""
+             progress: bool = False, trust_code: bool = False) -> TrakReport:
+    """Fill ``trak/`` chunk by chunk (done chunks are skipped) and return the LDS of the calibrated scores.
+
+    A resumed fit uses the subset models and checkpoints of its first chunks, whatever the store holds now.
+    A `module:callable` model named by the store is imported only with `trust_code`.
+    """
     spec = store.spec
+    require_consent(spec.model, f"store {store.url}", trust_code)
     settings = settings.resolve(spec.n_train)
     data = load_dataset(spec.dataset)
-    store.check(fingerprint=data.fingerprint)
-    blocks = store.completed_blocks()
+    check_fingerprint(data, spec.fingerprint, f"store {store.url}")
+    blocks = calibration_blocks(store, overwrite)
     masks = store.read_masks(blocks)
     fit_rows, eval_rows = lds_mod.holdout_split(len(masks), settings.holdout_models)
-    group = store.create_fit_group(PREFIX, settings.target_chunk, settings.row_chunk, settings.config(),
-                                   overwrite=overwrite)
+    config = {**settings.config(), "calibration_blocks": blocks}
+    if not overwrite:
+        refuse_other_settings(store, PREFIX, {"target_chunk": settings.target_chunk, "row_chunk": settings.row_chunk,
+                                              **config},
+                              fix="rerun with the settings it was started with to resume, or pass --overwrite to "
+                                  "start over")
+    group = store.create_fit_group(PREFIX, settings.target_chunk, settings.row_chunk, config, overwrite=overwrite)
     labels = data.all_labels().numpy()
     missing = group.missing_chunks()
     if missing:
         device = device_name()
-        checkpoints = train_checkpoints(data, spec.model, Recipe.from_dict(spec.recipe), settings.checkpoints, device)
+        checkpoints = checkpoints_for(group, data, spec.model, Recipe.from_dict(spec.recipe), settings.checkpoints,
+                                      device)
         inputs = data.all_inputs()
         with tempfile.TemporaryDirectory(prefix="dmm-trak-") as save_dir:
             traker = make_traker(data, spec.model, settings, Path(save_dir), device)
@@ -220,10 +282,6 @@ def run_trak(store: AttributionStore, settings: TrakSettings = TrakSettings(), o
                 weight, bias = calibrate(scores, masks[fit_rows], logits[fit_rows])
                 per_class, margin = lds_mod.measure(masks[eval_rows], weight, bias, logits[eval_rows], labels[sl])
                 group.write_chunk(chunk, weight, bias, lds=per_class, lds_margin=margin)
-    per_class, margin, n = np.asarray(group.lds[:]), np.asarray(group.lds_margin[:]), spec.n_train
     return TrakReport(settings=settings, written=len(missing), skipped=group.num_chunks - len(missing),
                       calibration_models=fit_rows.stop - fit_rows.start,
-                      lds={"train points, per class": lds_mod.summarize(per_class[:n]),
-                           "train points, margin": lds_mod.summarize(margin[:n]),
-                           "held-out points, per class": lds_mod.summarize(per_class[n:]),
-                           "held-out points, margin": lds_mod.summarize(margin[n:])})
+                      lds=lds_mod.report(group.lds[:], group.lds_margin[:], spec.n_train))

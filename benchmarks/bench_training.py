@@ -53,8 +53,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     args = parser.parse_args()
 
-    data = load_dataset(args.dataset)
-    model_name, recipe = default_model(data.name), default_recipe(data.name)
+    data = load_dataset(args.dataset, download=True)
+    model_name = default_model(data.name)
+    recipe = default_recipe(data.name, model_name)
     masks, seeds = block_subsets(0, 0, args.models, data.n_train, args.alpha)
 
     start = time.perf_counter()

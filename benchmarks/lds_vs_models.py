@@ -27,7 +27,8 @@ from attribution.subsets import block_subsets
 
 def train_subset_models(data, total: int, block: int, device: str, seed: int = 0):
     """Masks (total, n) and held-out logits (total, n_test, k) of `total` subset models."""
-    model, recipe = default_model(data.name), default_recipe(data.name)
+    model = default_model(data.name)
+    recipe = default_recipe(data.name, model)
     masks, logits = [], []
     for b in tqdm(range(-(-total // block)), desc="subset models", unit="block"):
         m, seeds = block_subsets(seed, b, block, data.n_train, 0.5)

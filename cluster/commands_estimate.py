@@ -10,14 +10,21 @@ import json
 from attribution.errors import DmmError
 from attribution.store import AttributionStore
 
-from .commands_model import add_data_args
+from .commands_model import add_data_args, add_recipe_args, model_and_recipe
+
+
+def request_from_args(args):
+    """The EstimateRequest of `dmm estimate`'s options (model and recipe resolved as `dmm train` does)."""
+    from .estimate import EstimateRequest
+
+    model, recipe = model_and_recipe(args)
+    return EstimateRequest(args.dataset, model, recipe, alpha=args.alpha, seed=args.seed, block_size=args.block_size)
 
 
 def estimate_cmd(args) -> int:
-    from .estimate import EstimateRequest, run_estimate
+    from .estimate import run_estimate
 
-    request = EstimateRequest.build(args.dataset, args.model, epochs=args.epochs, alpha=args.alpha,
-                                    seed=args.seed, block_size=args.block_size)
+    request = request_from_args(args)
     result = run_estimate(request, args.store, args.num_models, address=args.address,
                           cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task)
     s = result.store
@@ -64,7 +71,7 @@ def register(sub) -> None:
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray started in-process)")
     p.add_argument("--gpus-per-task", type=float, default=0.0)
     p.add_argument("--cpus-per-task", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, help="advanced: override the recipe's epochs (recorded in the store)")
+    add_recipe_args(p)
     p.set_defaults(func=estimate_cmd)
 
     p = sub.add_parser("status", help="completed/total subset models and the attributes of a store")

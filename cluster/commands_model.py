@@ -1,15 +1,22 @@
-"""`dmm train` and `dmm predict`: one model at a time."""
+"""`dmm train`, `dmm predict` (one model at a time) and `dmm recipes` (the named recipes).
+
+The option helpers here are the one definition of options several commands share: the dataset and
+model, the recipe options, `--device` and `--trust-code`.
+"""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from attribution.checkpoint import load_model, model_meta, save_model
-from attribution.datasets import DEFAULT_DATASET, load_dataset
+from attribution.datasets import DEFAULT_DATASET, check_dataset_name, load_dataset
+from attribution.device import resolve_device
 from attribution.engine import train_model
 from attribution.evaluation import accuracy, model_logits
 from attribution.ids import read_ids
 from attribution.models import default_model
-from attribution.recipes import default_recipe
+from attribution.recipes import RECIPE_FILE_SUFFIXES, RECIPES, Recipe, recipe_pairs, resolve_recipe
 
 
 def add_data_args(p, model=True) -> None:
@@ -18,17 +25,42 @@ def add_data_args(p, model=True) -> None:
         p.add_argument("--model", default=None, help="mlp | cnn1d | resnet9 | module:callable (default: the dataset's)")
 
 
+def add_recipe_args(p) -> None:
+    """The recipe options of every command that trains models (`dmm train`, `dmm estimate`)."""
+    p.add_argument("--recipe", help="a named recipe (see `dmm recipes`) or a .json/.yaml file of Recipe fields "
+                                    "(default: the (dataset, model) pair's; required where the pair has none)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs, the one-cycle peak scaled with them "
+                                              "(recorded with the model or store)")
+
+
+def model_and_recipe(args) -> tuple[str, Recipe]:
+    """(model name, recipe) from --dataset, --model and the recipe options, checked before any data is loaded."""
+    check_dataset_name(args.dataset)
+    model = args.model or default_model(args.dataset)
+    return model, resolve_recipe(args.dataset, model, args.recipe, args.epochs)
+
+
+def add_device_arg(p) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] where a GPU is present")
+
+
+def add_trust_code_arg(p, files: str) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help=f"consent to import a module:callable model that {files} names (runs that module's "
+                        "code: only for files you trust)")
+
+
 def train_cmd(args) -> int:
-    data = load_dataset(args.dataset)
-    model_name = args.model or default_model(data.name)
-    recipe = default_recipe(data.name)
+    device = resolve_device(args.device)
+    model_name, recipe = model_and_recipe(args)
+    data = load_dataset(args.dataset, download=True)  # the user named it: a missing archive may be fetched
     mask = None
     excluded = []
     if args.exclude:
         excluded = read_ids(args.exclude, data.n_train, data.n_points)
         mask = np.ones(data.n_train, dtype=bool)
         mask[excluded] = False
-    model = train_model(model_name, data, recipe, args.seed, mask)
+    model = train_model(model_name, data, recipe, args.seed, mask, device)
     meta = model_meta(data, model_name, recipe, args.seed, excluded=[int(i) for i in excluded])
     save_model(args.out, model.state_dict(), meta)
     acc = accuracy(model_logits(model, data.x_test), data.y_test)
@@ -37,7 +69,8 @@ def train_cmd(args) -> int:
 
 
 def predict_cmd(args) -> int:
-    model, meta = load_model(args.model)
+    device = resolve_device(args.device)
+    model, meta = load_model(args.model, trust_code=args.trust_code, device=device)
     data = load_dataset(meta["dataset"])
     logits = model_logits(model, data.all_inputs()).numpy().astype(np.float32)
     np.save(args.out, logits)
@@ -45,9 +78,20 @@ def predict_cmd(args) -> int:
     return 0
 
 
+def recipes_cmd(args) -> int:
+    for name, recipe in RECIPES.items():
+        pairs = ", ".join(f"dataset {d} with model {m}" for d, m in recipe_pairs(name))
+        print(f"{name}: default for {pairs or 'no pair'}\n  {json.dumps(recipe.to_dict())}")
+    print(f"--recipe NAME picks one; --recipe FILE ({'/'.join(RECIPE_FILE_SUFFIXES)}) gives fields, the rest "
+          f"taking Recipe's defaults {json.dumps(Recipe().to_dict())}")
+    return 0
+
+
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train one model with the dataset's default recipe")
+    p = sub.add_parser("train", help="train one model with a recipe (default: the (dataset, model) pair's)")
     add_data_args(p)
+    add_recipe_args(p)
+    add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="model file (.safetensors, or .pt); a .json sidecar is written beside it")
     p.add_argument("--exclude", help="file of training indices to leave out (txt, csv or npy)")
@@ -56,4 +100,10 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="write a model's logits on every train and held-out point")
     p.add_argument("--model", required=True, help="model file written by `dmm train`")
     p.add_argument("--out", required=True, help="output .npy (points × k float32, train points first)")
+    add_device_arg(p)
+    add_trust_code_arg(p, "the model's sidecar")
     p.set_defaults(func=predict_cmd)
+
+    p = sub.add_parser("recipes", help="list the named training recipes, the (dataset, model) pairs they serve "
+                                       "and their fields")
+    p.set_defaults(func=recipes_cmd)

@@ -1,22 +1,23 @@
 """`dmm trak`: TRAK's estimate of β into the store's `trak/` group, calibrated on the subset models."""
 from __future__ import annotations
 
-from attribution.lds import format_summary
+from attribution.lds import format_report
 from attribution.store import AttributionStore
 from attribution.trak import TrakSettings, run_trak
+
+from .commands_model import add_trust_code_arg
 
 
 def trak_cmd(args) -> int:
     store = AttributionStore.open(args.store, mode="r+")
     settings = TrakSettings(checkpoints=args.checkpoints, proj_dim=args.proj_dim,
                             holdout_models=args.holdout_models, target_chunk=args.target_chunk)
-    report = run_trak(store, settings, overwrite=args.overwrite, progress=True)
+    report = run_trak(store, settings, overwrite=args.overwrite, progress=True, trust_code=args.trust_code)
     s = report.settings
     print(f"trak: {report.written} target chunks scored, {report.skipped} already done "
           f"(C={s.checkpoints} checkpoints, P={s.proj_dim}); calibrated on {report.calibration_models} subset "
           f"models; LDS on {s.holdout_models} held-out models -> {store.url}/trak")
-    for name, summary in report.lds.items():
-        print("  " + format_summary(name, summary))
+    print("\n".join(format_report(report.lds)))
     return 0
 
 
@@ -31,4 +32,5 @@ def register(sub) -> None:
     p.add_argument("--target-chunk", type=int, default=TrakSettings.target_chunk,
                    help="targets per resumable chunk (scores of a chunk: n_train × chunk × k floats)")
     p.add_argument("--overwrite", action="store_true", help="discard a trak/ group computed with other settings")
+    add_trust_code_arg(p, "the store")
     p.set_defaults(func=trak_cmd)

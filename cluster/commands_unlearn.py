@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attribution.device import resolve_device
 from attribution.store import FIT_PREFIXES, AttributionStore
 from matching.direct import dm_direct_prediction
 from matching.finetune import MatchingConfig
@@ -11,13 +12,16 @@ from matching.ledger import format_ledger, read_ledger
 from matching.methods import METHODS
 from matching.request import DEFAULT_LOCK_TIMEOUT_S, unlearn_request
 
+from .commands_model import add_device_arg, add_trust_code_arg
+
 
 def unlearn_cmd(args) -> int:
+    device = resolve_device(args.device)
     config = MatchingConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, lr_decay=args.lr_decay,
                             retain_ratio=args.retain_ratio, seed=args.seed)
     result = unlearn_request(args.store, args.model, args.forget, method=args.method, out=args.out,
                              attribution=args.attribution, config=config, oracles=args.oracles or (),
-                             lock_timeout=args.lock_timeout)
+                             lock_timeout=args.lock_timeout, trust_code=args.trust_code, device=str(device))
     print(result.message)
     return 0
 
@@ -28,7 +32,7 @@ def ledger_cmd(args) -> int:
 
 
 def direct_cmd(args) -> int:
-    h = dm_direct_prediction(args.store, args.forget, args.model, args.attribution)
+    h = dm_direct_prediction(args.store, args.forget, args.model, args.attribution, trust_code=args.trust_code)
     np.save(args.out, h)
     print(f"wrote DM-Direct logits {h.shape} (train points first) without the ids of {args.forget} -> {args.out}")
     return 0
@@ -55,6 +59,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="draws the retain points and batch order")
     p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
                    help="seconds to wait for another request on the same store")
+    add_device_arg(p)
+    add_trust_code_arg(p, "the model files (and the store they must match)")
     p.set_defaults(func=unlearn_cmd)
 
     p = sub.add_parser("direct", help="DM-Direct: predict the logits of a model retrained without some ids")
@@ -64,6 +70,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="θ0 (default: the θ0 whose logits the store keeps from its first request)")
     p.add_argument("--attribution", default="datamodels", choices=FIT_PREFIXES,
                    help="fit group β comes from (default datamodels)")
+    add_trust_code_arg(p, "the --model file (and the store it must match)")
     p.set_defaults(func=direct_cmd)
 
     p = sub.add_parser("ledger", help="print the deletion requests recorded in a store")

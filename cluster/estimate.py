@@ -3,7 +3,9 @@
 One Ray task per block b of B models: it derives its α-subsets S_j and seeds from (root seed, b),
 trains the block with the model-batched engine, writes the block's own chunk-aligned rows of the
 attribution store and then its marker. The driver only schedules missing blocks, so a rerun
-resumes, and a retried block writes the same bytes (CPU training is deterministic given seeds).
+resumes. A retried block is trained with the same seeds, subsets and thread count (--cpus-per-task),
+so on the same kind of CPU it writes the same bytes; with another thread count or CPU its logits
+agree to float rounding (tests/test_estimate.py checks both with 1 and 2 threads).
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import ray
 import torch
 from tqdm import tqdm
 
-from attribution.datasets import Dataset, load_dataset
+from attribution.datasets import Dataset, check_fingerprint, load_dataset
 from attribution.engine import train_batched
 from attribution.errors import DmmError
 from attribution.models import default_model
-from attribution.recipes import Recipe, default_recipe
-from attribution.store import AttributionStore, StoreMismatch, StoreSpec
+from attribution.recipes import Recipe, resolve_recipe
+from attribution.store import AttributionStore, StoreError, StoreSpec
+from attribution.store_spec import spec_diff
 from attribution.subsets import block_subsets
 
 from .ray_runtime import connect, first_line
@@ -43,12 +46,12 @@ class EstimateRequest:
     block_size: int = 64
 
     @classmethod
-    def build(cls, dataset: str, model: str | None = None, epochs: int | None = None, **kw) -> "EstimateRequest":
-        """Defaults of the dataset (model, recipe); `epochs` shortens the recipe, schedule shape kept."""
-        recipe = default_recipe(dataset)
-        if epochs is not None and epochs != recipe.epochs:
-            recipe = recipe.with_(epochs=epochs, peak_epoch=recipe.peak_epoch * epochs / recipe.epochs)
-        return cls(dataset, model or default_model(dataset), recipe, **kw)
+    def build(cls, dataset: str, model: str | None = None, recipe: str | Recipe | None = None,
+              epochs: int | None = None, **kw) -> "EstimateRequest":
+        """`model` defaults to the dataset's, `recipe` (a Recipe, name or file) to the (dataset, model) pair's;
+        `epochs` overrides the recipe's, schedule shape kept (attribution/recipes.py `resolve_recipe`)."""
+        model = model or default_model(dataset)
+        return cls(dataset, model, resolve_recipe(dataset, model, recipe, epochs), **kw)
 
     def spec(self, data: Dataset) -> StoreSpec:
         return StoreSpec(dataset=data.name, fingerprint=data.fingerprint, model=self.model,
@@ -73,10 +76,8 @@ def train_block(store: AttributionStore, request: EstimateRequest, block: int,
     """Train block b's B models and write their masks and logits (then the marker) into the store."""
     if threads is not None:
         torch.set_num_threads(threads)
-    data = load_dataset(request.dataset)
-    if data.fingerprint != store.fingerprint:
-        raise StoreMismatch(f"dataset {request.dataset} on this worker has fingerprint {data.fingerprint[:12]}..., "
-                            f"the store {store.fingerprint[:12]}...; give every node the same data")
+    data = load_dataset(request.dataset, download=True)  # a request names the dataset its user asked for
+    check_fingerprint(data, store.fingerprint, f"store {store.url}")
     masks, seeds = request.block_subsets(block, data.n_train)
     result = train_batched(request.model, data, request.recipe, seeds, masks, device)
     store.write_block(block, masks, result.logits.cpu().numpy())
@@ -95,6 +96,30 @@ def _max_in_flight(cpus: float, gpus: float) -> int:
     return max(1, 2 * math.floor(slots))
 
 
+def _join(address: str | None, cpus: float, gpus: float) -> None:
+    """Attach to Ray and refuse a task size that no live node has: Ray would queue such tasks forever."""
+    connect(address)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        most = {k: max((r.get(k, 0) for r in nodes), default=0) for k in ("CPU", "GPU")}
+        raise EstimateError(f"no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for one task "
+                            f"(its nodes have at most {most['CPU']:g} CPUs and {most['GPU']:g} GPUs); fix: lower "
+                            "--cpus-per-task/--gpus-per-task or add such nodes to the cluster")
+
+
+def _may_train(store_url: str, spec: StoreSpec, num_models: int) -> bool:
+    """Whether the request has models to train: no store yet, or this request's store short of them.
+
+    False for a store built for another request, which `open_or_create` refuses before Ray starts.
+    """
+    try:
+        store = AttributionStore.open(store_url)
+    except StoreError:
+        return True  # none yet (anything else unreadable is named by open_or_create)
+    return not spec_diff(store.attrs, spec.to_attrs()) and (num_models > store.num_models
+                                                             or bool(store.missing_blocks()))
+
+
 def _failure(block: int, err: ray.exceptions.RayError) -> DmmError:
     cause = getattr(err, "cause", None)
     if isinstance(cause, DmmError):
@@ -107,16 +132,20 @@ def run_estimate(request: EstimateRequest, store_url: str, num_models: int, addr
                  cpus_per_task: float = 1, gpus_per_task: float = 0, progress: bool = True) -> EstimateResult:
     """Open (or create, or grow) the store, then train its missing blocks as Ray tasks.
 
-    The store is checked against the request before anything is written or Ray is started.
+    The store is checked against the request before anything is written or Ray is started; when
+    there are models to train, Ray's nodes are checked for the task size before the store changes.
     """
     if cpus_per_task <= 0 or gpus_per_task < 0:
         raise DmmError("need --cpus-per-task > 0 and --gpus-per-task >= 0; fix the resources")
-    data = load_dataset(request.dataset)
-    store = AttributionStore.open_or_create(store_url, request.spec(data), num_models)
+    data = load_dataset(request.dataset, download=True)  # a request names the dataset its user asked for
+    spec = request.spec(data)
+    if _may_train(store_url, spec, num_models):
+        _join(address, cpus_per_task, gpus_per_task)
+    store = AttributionStore.open_or_create(store_url, spec, num_models)
     missing = store.missing_blocks()
     skipped = store.num_blocks - len(missing)
     if missing:
-        connect(address)
+        _join(address, cpus_per_task, gpus_per_task)  # again (cheap): the store may have changed since the check
         task = _train_block_task.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
         device, threads = ("cuda" if gpus_per_task > 0 else "cpu"), max(1, int(cpus_per_task))
         limit = _max_in_flight(cpus_per_task, gpus_per_task)

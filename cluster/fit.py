@@ -19,10 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from attribution.datamodels import DEFAULT_VAL_FRACTION, fit_target_chunk
-from attribution.datasets import load_dataset
+from attribution.datasets import check_fingerprint, load_dataset
 from attribution.errors import DmmError
 from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH, DEFAULT_TOL
-from attribution.lds import format_summary, holdout_split, summarize
+from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
+from attribution.fit_group import refuse_other_settings
 from attribution.store import AttributionStore
 
 from .ray_runtime import cluster_address, connect
@@ -63,6 +64,7 @@ def _scheduler(address: str | None, workers: int):
 
 
 def _fit_and_write(store_url, prefix, chunk, masks_fit, logits_fit, masks_lds, logits_lds, labels, config):
+    """A worker's task. `store_url` is the store's normalised URL (`store.url`): a worker may run in another cwd."""
     fit = fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels,
                            path_length=config.path_length, val_fraction=config.val_fraction,
                            tol=config.tol, max_iter=config.max_iter)
@@ -79,38 +81,24 @@ def _watch(group, total: int, stop: threading.Event) -> None:
         bar.update(len(group.completed_chunks()) - bar.n)
 
 
-def _refuse_other_settings(store, prefix: str, config: FitConfig, num_models: int) -> None:
-    """Before anything is written: a group fitted with other settings is not resumed; name what differs."""
-    if not store.has_fit_group(prefix):
-        return
-    group = store.fit_group(prefix)
-    s = store.spec
-    have = {"targets_per_chunk": group.target_chunk, "rows_per_chunk": group.row_chunk, **group.config}
-    want = {"targets_per_chunk": min(config.targets_per_chunk, s.n_points),
-            "rows_per_chunk": min(config.rows_per_chunk, s.n_train), **config.as_attrs(), "num_models": num_models}
-    diff = [f"{k}={have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v]
-    if diff:
-        raise DmmError(f"{prefix}/ in {store.url} was fitted with other settings: {', '.join(diff)}; fix: rerun "
-                       f"with the settings it was fitted with to resume, or delete {prefix}/ (or fit a copy) to refit")
-
-
 def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | None = None,
               workers: int = 1, prefix: str = "datamodels") -> dict:
     """Fit every missing target chunk of `prefix` and return the LDS summaries."""
     store = AttributionStore.open(store_url, "r+")
     blocks = store.completed_blocks()
     if not blocks:
-        raise DmmError(f"store {store_url} has no completed subset models; run `dmm estimate` first")
+        raise DmmError(f"store {store.url} has no completed subset models; run `dmm estimate` first")
     masks = store.read_masks(blocks)
     fit_rows, lds_rows = holdout_split(len(masks), config.holdout_models)
     rows = np.concatenate([np.arange(store.block_rows(b).start, store.block_rows(b).stop) for b in blocks])
     data = load_dataset(store.spec.dataset)
-    if data.fingerprint != store.fingerprint:
-        raise DmmError(f"dataset {data.name} no longer matches store {store_url} (fingerprint); use the data "
-                       "the store was estimated on")
-    _refuse_other_settings(store, prefix, config, len(masks))
-    group = store.create_fit_group(prefix, config.targets_per_chunk, config.rows_per_chunk,
-                                   {**config.as_attrs(), "num_models": len(masks)})
+    check_fingerprint(data, store.fingerprint, f"store {store.url}")
+    group_config = {**config.as_attrs(), "num_models": len(masks)}
+    refuse_other_settings(store, prefix, {"target_chunk": config.targets_per_chunk,
+                                          "row_chunk": config.rows_per_chunk, **group_config},
+                          fix=f"rerun with the settings it was fitted with to resume, or delete {prefix}/ "
+                              "(or fit a copy) to refit")
+    group = store.create_fit_group(prefix, config.targets_per_chunk, config.rows_per_chunk, group_config)
     # dask chunks = one block × one target chunk: a task reads only its targets (the zarr chunk spans all points)
     logits = da.from_zarr(store.zarr_array("subsets/logits"),
                           chunks=(store.block_size, group.target_chunk, store.spec.num_classes))[rows]
@@ -119,7 +107,7 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     for chunk in group.missing_chunks():
         sl = group.target_slice(chunk)
         tasks.append(dask.delayed(_fit_and_write)(
-            store_url, prefix, chunk, masks[fit_rows], logits[fit_rows, sl], masks[lds_rows],
+            store.url, prefix, chunk, masks[fit_rows], logits[fit_rows, sl], masks[lds_rows],
             logits[lds_rows, sl], labels[sl], config, dask_key_name=f"fit-chunk-{chunk}"))
     get, kwargs = _scheduler(address, workers)
     stop = threading.Event()
@@ -130,20 +118,13 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     finally:
         stop.set()
         watcher.join()
-    per_class, margin = np.asarray(group.lds[:]), np.asarray(group.lds_margin[:])
-    n = store.spec.n_train
     return {
         "models": len(masks), "fitting_models": fit_rows.stop - fit_rows.start,
         "holdout_models": config.holdout_models, "chunks_fitted": len(tasks),
-        "lds_train": summarize(per_class[:n]), "lds_heldout": summarize(per_class[n:]),
-        "lds_margin_train": summarize(margin[:n]), "lds_margin_heldout": summarize(margin[n:]),
+        "lds": lds_report(group.lds[:], group.lds_margin[:], store.spec.n_train),
     }
 
 
 def format_report(report: dict) -> list[str]:
-    lines = [f"fitted {report['chunks_fitted']} target chunks on {report['fitting_models']} subset models; "
-             f"LDS on {report['holdout_models']} held-out models:"]
-    for key, name in (("lds_heldout", "held-out points, per class"), ("lds_margin_heldout", "held-out points, margin"),
-                      ("lds_train", "train points, per class"), ("lds_margin_train", "train points, margin")):
-        lines.append("  " + format_summary(name, report[key]))
-    return lines
+    return [f"fitted {report['chunks_fitted']} target chunks on {report['fitting_models']} subset models; "
+            f"LDS on {report['holdout_models']} held-out models:", *format_lds_report(report["lds"])]

@@ -58,17 +58,19 @@ def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "d
     return (original_logits - effect).astype(np.float32)
 
 
-def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attribution: str = "datamodels") -> np.ndarray:
+def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attribution: str = "datamodels",
+                         trust_code: bool = False) -> np.ndarray:
     """The "DM-Direct" method as a predictor: h(x) for every point, no weights changed, nothing written.
 
-    f(θ0) is the model at `model_path` (checked against the store) or, without one, θ0's logits the
-    store keeps from its first deletion request; `forget_ids` is an id file or a sequence of ints.
+    f(θ0) is the model at `model_path` (checked against the store; a `module:callable` model it names is
+    imported only with `trust_code`) or, without one, θ0's logits the store keeps from its first deletion
+    request; `forget_ids` is an id file or a sequence of ints.
     """
     store = AttributionStore.open(store_url, mode="r")
     ids = forget_set(forget_ids, store)
     original = None
     if model_path is not None:
         data = store_dataset(store)
-        model, _ = load_store_model(model_path, store, data)
+        model, _ = load_store_model(model_path, store, data, trust_code=trust_code)
         original = model_logits(model, data.all_inputs()).numpy()
     return dm_direct_targets(store, ids, attribution, original)

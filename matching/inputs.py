@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 
 from attribution.checkpoint import load_model, load_state
-from attribution.datasets import Dataset, load_dataset
+from attribution.datasets import Dataset, check_fingerprint, load_dataset
 from attribution.ids import check_ids, read_ids
 from attribution.store import AttributionStore
 
@@ -22,9 +22,7 @@ def store_dataset(store: AttributionStore, data: Dataset | None = None) -> Datas
     """The store's dataset S (loaded by name unless given), refused if its fingerprint differs."""
     spec = store.spec
     data = data if data is not None else load_dataset(spec.dataset)
-    if data.fingerprint != spec.fingerprint:
-        raise MatchingError(f"store {store.url} was built for data with fingerprint {spec.fingerprint[:12]}, but "
-                            f"{data.name} has {data.fingerprint[:12]}; use the store built for this dataset")
+    check_fingerprint(data, spec.fingerprint, f"store {store.url}")
     return data
 
 
@@ -32,8 +30,10 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def load_store_model(path: str | Path, store: AttributionStore, data: Dataset) -> tuple[nn.Module, dict]:
-    """(θ, sidecar) from `path`, refused unless it was trained for the store's data, model, k and recipe."""
+def load_store_model(path: str | Path, store: AttributionStore, data: Dataset, trust_code: bool = False,
+                     device: str = "cpu") -> tuple[nn.Module, dict]:
+    """(θ on `device`, sidecar) from `path`, refused unless it was trained for the store's data, model, k and
+    recipe; a `module:callable` model is imported only with `trust_code` (attribution/models.py)."""
     _, meta = load_state(path)
     spec = store.spec
     expected = {"fingerprint": spec.fingerprint, "model": spec.model, "num_classes": spec.num_classes,
@@ -43,7 +43,7 @@ def load_store_model(path: str | Path, store: AttributionStore, data: Dataset) -
     if diff:
         raise MatchingError(f"model {path} does not match store {store.url} ({'; '.join(diff)}); give a model "
                             "trained on the store's dataset with its model and recipe")
-    return load_model(path, data)
+    return load_model(path, data, trust_code=trust_code, device=device)
 
 
 def forget_set(forget_ids, store: AttributionStore) -> np.ndarray:

@@ -4,24 +4,26 @@
 (`LedgerEntry`). Appending writes one new chunk and grows the shape; earlier chunks are never
 rewritten. A slot left empty by an interrupted append is reused by the next one.
 
-Writers serialise on a lock file beside a store on a local path (`<store>.lock`, `store_lock`).
-Stores on fsspec URLs get no lock: there, only one process at a time may make requests.
+Writers serialise with `store_lock`, on every store: a file lock beside a store on a local path
+(`<store>.lock`, released by the OS if its holder dies), a lease object beside a store on an fsspec
+URL (`<store>.lock`, see `lease.py`). A request waits for the store up to its timeout, then is
+refused with a one-line error; no request's entry can overwrite another's.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from filelock import FileLock, Timeout
-from zarr.codecs import ZstdCodec
 
-from attribution.store import SCHEMA_VERSION, AttributionStore
+from attribution.store import AttributionStore
+from attribution.store_zarr import COMPRESSORS, array_attrs, has_scheme
 
 from .errors import MatchingError
+from .lease import Lease, busy_error
 
 LEDGER = "ledger/entries"
 
@@ -75,9 +77,8 @@ def append_entry(store: AttributionStore, entry: LedgerEntry) -> None:
     """Write `entry` into slot entry.id − 1 (under `store_lock`, with id = len(read_ledger(store)) + 1)."""
     if not store.has(LEDGER):
         store.group.create_array(
-            LEDGER, shape=(0,), chunks=(1,), dtype=str, fill_value="", compressors=(ZstdCodec(level=3),),
-            attributes={"fingerprint": store.fingerprint, "schema_version": SCHEMA_VERSION,
-                        "meaning": "deletion requests, one JSON object per chunk, append-only"},
+            LEDGER, shape=(0,), chunks=(1,), dtype=str, fill_value="", compressors=COMPRESSORS,
+            attributes=array_attrs(store.fingerprint, "deletion requests, one JSON object per chunk, append-only"),
         )
     arr = store.zarr_array(LEDGER)
     slot = entry.id - 1
@@ -93,22 +94,27 @@ def forgotten_ids(entries: list[LedgerEntry]) -> np.ndarray:
     return np.unique(np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in entries]))
 
 
-def store_lock(store: AttributionStore, timeout: float):
-    """Exclusive lock on the store's ledger, waiting `timeout` seconds at most (none for fsspec URLs)."""
-    if not os.path.isdir(store.url):
-        return contextlib.nullcontext()
-    return _held(FileLock(store.url + ".lock"), timeout, store.url)
-
-
 @contextlib.contextmanager
-def _held(lock: FileLock, timeout: float, url: str):
+def store_lock(store: AttributionStore, timeout: float):
+    """Exclusive right to record a request in `store`, waited for `timeout` seconds at most.
+
+    Yields `still_held()`: call it right before writing; it raises if a lease was lost meanwhile.
+    """
+    if has_scheme(store.url):
+        lease = Lease(store.url)
+        lease.acquire(timeout)
+        try:
+            yield lease.check
+        finally:
+            lease.release()
+        return
+    lock = FileLock(store.url + ".lock")
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
-        raise MatchingError(f"store {url} is busy with another request for over {timeout:g} s; "
-                            "rerun when it is done or raise --lock-timeout") from None
+        raise busy_error(store.url, timeout) from None
     try:
-        yield
+        yield lambda: None
     finally:
         lock.release()
 

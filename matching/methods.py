@@ -30,20 +30,27 @@ class UnlearnTask:
     model: nn.Module              # the model to edit (θ0 for the first request, else the latest output)
     data: Dataset
     forget_ids: np.ndarray
-    store: AttributionStore
+    store: AttributionStore | None  # the attribution store (None for methods that need no datamodels)
     original_logits: np.ndarray   # f(θ0) on every point (train then held-out), n_points × k
     attribution: str = "datamodels"
     config: MatchingConfig = field(default_factory=MatchingConfig)
     oracles: tuple[str, ...] = ()  # model files trained on S∖F (OM only)
+    oracle_mean_logits: np.ndarray | None = None  # OM's targets given directly (n_points × k), e.g. by evaluation
+    trust_code: bool = False      # consent to import a module:callable model that the oracle files name
 
 
 UnlearnMethod = Callable[[UnlearnTask], nn.Module]
 METHODS: dict[str, UnlearnMethod] = {}
+METHOD_CONFIGS: dict[str, type] = {}  # name -> hyperparameter dataclass (defaults, validation)
+METHOD_NEEDS: dict[str, frozenset[str]] = {}  # name -> inputs beyond (model, data, F): "store", "oracles"
 
 
-def register_method(name: str) -> Callable[[UnlearnMethod], UnlearnMethod]:
+def register_method(name: str, config: type = MatchingConfig,
+                    needs: tuple[str, ...] = ()) -> Callable[[UnlearnMethod], UnlearnMethod]:
     def add(method: UnlearnMethod) -> UnlearnMethod:
         METHODS[name] = method
+        METHOD_CONFIGS[name] = config
+        METHOD_NEEDS[name] = frozenset(needs)
         return method
     return add
 
@@ -60,22 +67,26 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> nn.Mod
     return match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
 
 
-@register_method("dmm")
+@register_method("dmm", needs=("store",))
 def datamodel_matching(task: UnlearnTask) -> nn.Module:
     """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:}."""
     if task.oracles:
         raise MatchingError("--oracles is for --method om; drop it for dmm")
+    if task.store is None:
+        raise MatchingError("dmm needs an attribution store with fitted datamodels; pass --store")
     targets = dm_direct_targets(task.store, task.forget_ids, task.attribution, task.original_logits)
     return match_on_forget_and_retain(task, targets)
 
 
 def oracle_logits(task: UnlearnTask) -> np.ndarray:
     """Mean logits of the oracles (n_points × k), each checked against the store and trained without F."""
+    if task.oracle_mean_logits is not None:
+        return np.asarray(task.oracle_mean_logits, dtype=np.float32)
     if not task.oracles:
         raise MatchingError("--method om needs --oracles: model files trained on S∖F")
     logits = []
     for path in task.oracles:
-        model, meta = load_store_model(path, task.store, task.data)
+        model, meta = load_store_model(path, task.store, task.data, trust_code=task.trust_code)
         excluded = np.asarray(meta.get("excluded", []), dtype=np.int64)
         if not np.array_equal(np.sort(excluded), task.forget_ids):
             raise MatchingError(f"oracle {Path(path)} was trained without {len(excluded)} ids, not the "
@@ -84,7 +95,7 @@ def oracle_logits(task: UnlearnTask) -> np.ndarray:
     return np.mean(logits, axis=0)
 
 
-@register_method("om")
+@register_method("om", needs=("oracles",))
 def oracle_matching(task: UnlearnTask) -> nn.Module:
     """OM: match the mean logits of real oracles (the ablation with exact targets)."""
     return match_on_forget_and_retain(task, oracle_logits(task))

@@ -6,9 +6,10 @@ Request j > 1 must start from the model request j−1 wrote (checked by file has
 union of every id forgotten so far. To start over from θ0, use a copy of the store taken before
 request 1.
 
-Order: every check and the method itself run first; then θ0's logits (request 1 only), the output
-model (atomically) and the ledger entry are written, all under the store's lock. A failed request
-leaves the store, the ledger and every model file byte-identical.
+Order, all under the store's lock (`store_lock`): every check and the method itself run first; then
+the output model is staged beside `--out`, θ0's logits (request 1 only) and the ledger entry are
+written, and the model is moved into place last (`commit.all_or_nothing`). A failure at any of these
+writes puts back what was there: the store, the ledger and every model file stay byte-identical.
 """
 from __future__ import annotations
 
@@ -20,18 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.checkpoint import file_sha256, save_model
+from attribution.checkpoint import file_sha256
 from attribution.datasets import Dataset
 from attribution.evaluation import model_logits
 from attribution.store import AttributionStore
 
+from .commit import all_or_nothing
 from .errors import MatchingError
 from .finetune import MatchingConfig
 from .inputs import forget_set, load_store_model, store_dataset
-from .ledger import LedgerEntry, append_entry, forgotten_ids, ids_sha256, read_ledger, store_lock
+from .ledger import LEDGER, LedgerEntry, append_entry, forgotten_ids, ids_sha256, read_ledger, store_lock
 from .methods import UnlearnTask, get_method
 
 DEFAULT_LOCK_TIMEOUT_S = 600.0
+ORIGINAL_PREFIX = "original"          # θ0's logits (AttributionStore.write_original_logits)
+LEDGER_PREFIX = LEDGER.split("/")[0]  # the ledger
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,14 @@ def _original_logits(store: AttributionStore, entries: list[LedgerEntry], model_
 def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str | os.PathLike, forget_ids,
                     method: str = "dmm", out: str | os.PathLike | None = None, attribution: str = "datamodels",
                     config: MatchingConfig = MatchingConfig(), oracles=(), data: Dataset | None = None,
-                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> RequestResult:
+                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S, trust_code: bool = False,
+                    device: str = "cpu") -> RequestResult:
     """Forget `forget_ids` (id file or ints) from the model at `model_path`, writing the result to `out`.
 
     `method` names a registered method ("dmm", "om", ...); `attribution` the fit group DMM's
-    targets come from; `oracles` the model files OM matches. See the module docstring for the chain rule.
+    targets come from; `oracles` the model files OM matches; `trust_code` consents to a `module:callable`
+    model named by the model files; `device` is where the model is fine-tuned. See the module docstring
+    for the chain rule.
     """
     start = time.perf_counter()
     store = AttributionStore.open(_store_url(store), mode="r+")  # opening writes nothing
@@ -84,8 +91,8 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
     model_path, out = Path(model_path), Path(out)
     if out.resolve() == model_path.resolve():
         raise MatchingError(f"--out {out} is the input model; write the unlearned model to a new file")
-    model, meta = load_store_model(model_path, store, data)
-    with store_lock(store, lock_timeout):
+    model, meta = load_store_model(model_path, store, data, trust_code=trust_code, device=device)
+    with store_lock(store, lock_timeout) as still_held:
         entries = read_ledger(store)  # the ledger and θ0's logits are read afresh under the lock
         model_sha = file_sha256(model_path)
         original, first = _original_logits(store, entries, model_sha, model, data)
@@ -95,23 +102,26 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
             return RequestResult(None, new_ids, before, f"all {ids.size} ids are already forgotten; nothing changed")
         union = np.union1d(before, new_ids)
         task = UnlearnTask(model=model, data=data, forget_ids=union, store=store, original_logits=original,
-                           attribution=attribution, config=config, oracles=tuple(map(str, oracles)))
+                           attribution=attribution, config=config, oracles=tuple(map(str, oracles)),
+                           trust_code=trust_code)
         method_start = time.perf_counter()
         unlearned = unlearn(task)
         method_s = time.perf_counter() - method_start
-        if first:
-            store.write_original_logits(original, model_sha)
         request_id = len(entries) + 1
-        save_model(out, unlearned.state_dict(),
-                   {**meta, "unlearned": {"store": store.url, "request": request_id, "method": method,
-                                          "attribution": attribution, "n_forgotten": int(union.size)}})
-        entry = LedgerEntry(
-            id=request_id, time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), method=method,
-            attribution=attribution, n_ids=int(ids.size), ids_sha256=ids_sha256(ids), ids=ids.tolist(),
-            n_forgotten=int(union.size), input_sha256=model_sha, output_sha256=file_sha256(out),
-            output_path=str(out.resolve()), seed=config.seed, config=config.to_dict(),
-            wall_s=round(time.perf_counter() - start, 4))
-        append_entry(store, entry)
+        out_meta = {**meta, "unlearned": {"store": store.url, "request": request_id, "method": method,
+                                          "attribution": attribution, "n_forgotten": int(union.size)}}
+        written = [ORIGINAL_PREFIX, LEDGER_PREFIX] if first else [LEDGER_PREFIX]
+        with all_or_nothing(store, written, out, unlearned.state_dict(), out_meta) as output_sha256:
+            entry = LedgerEntry(
+                id=request_id, time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), method=method,
+                attribution=attribution, n_ids=int(ids.size), ids_sha256=ids_sha256(ids), ids=ids.tolist(),
+                n_forgotten=int(union.size), input_sha256=model_sha, output_sha256=output_sha256,
+                output_path=str(out.resolve()), seed=config.seed, config=config.to_dict(),
+                wall_s=round(time.perf_counter() - start, 4))
+            still_held()
+            if first:
+                store.write_original_logits(original, model_sha)
+            append_entry(store, entry)
     already = ids.size - new_ids.size
     message = (f"request {request_id}: {method} forgot {new_ids.size} new ids"
                + (f" ({already} already forgotten)" if already else "")

@@ -1,6 +1,12 @@
 """Shared fixtures: token auth for every Ray the suite starts (`ray_token`), one local Ray for the
 whole suite (`ray_session`), a real `ray start --head` cluster on 127.0.0.1 (`ray_head`), the
-`dmm` command line as a subprocess (`run_dmm`), and one torch thread per module (`one_torch_thread`)."""
+`dmm` command line as a subprocess (`run_dmm`), and one torch thread per module (`one_torch_thread`).
+
+Thread count: `DMM_TEST_THREADS=N` runs every test, and every `dmm` subprocess (OMP_NUM_THREADS), with
+N torch threads, `one_torch_thread` modules included: `DMM_TEST_THREADS=1 make test` and
+`DMM_TEST_THREADS=2 make test` must both pass. Unset, tests run with torch's default and
+`one_torch_thread` modules with 1. Every test gets the thread count back as it was before it ran.
+"""
 from __future__ import annotations
 
 import logging
@@ -24,12 +30,41 @@ BIN = Path(sys.executable).parent
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
 
 
+def _test_threads() -> int | None:
+    """The suite's torch thread count from DMM_TEST_THREADS (None when unset)."""
+    value = os.environ.get("DMM_TEST_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"DMM_TEST_THREADS={value!r} is not a positive integer; use e.g. DMM_TEST_THREADS=2")
+    return int(value)
+
+
+def pytest_configure(config):
+    threads = _test_threads()
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # `dmm` subprocesses start with the same count
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_per_test():
+    """DMM_TEST_THREADS threads for the test (if set); a test may change the count, it is restored after."""
+    before = torch.get_num_threads()
+    threads = _test_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """One intra-op thread for a module: its models and solves are tiny, and on a shared 2-core machine
-    torch's threads wait for a free core at every call (up to 10x slower); results do not depend on it."""
+    """One intra-op thread for a module (DMM_TEST_THREADS threads when set): its models and solves are
+    tiny, and on a shared 2-core machine torch's threads wait for a free core at every call (up to 10x
+    slower). Its tests must pass with any thread count."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(_test_threads() or 1)
     yield
     torch.set_num_threads(before)
 

@@ -1,17 +1,20 @@
-"""Digits attribution stores with fitted datamodels, for tests (`digits_store`) and benchmarks (`build_store`).
+"""Digits attribution stores with fitted datamodels, for tests (`digits_store`) and benchmarks (`build_store`),
+and the helpers tests share (`tree_hashes`, `np_margin`).
 
 Fitting datamodels for all 1797 × 10 targets of full digits takes minutes on 2 cores (every solver
 iteration is an n² × targets product), so the store is built on a class-balanced digits subset:
 30 training and 20 held-out points per class (n = 300, 500 points), saved as an npz dataset.
 `digits_store(base_dir)` trains m subset models (α = 0.5, the store's own blocks) with the default
 digits recipe, fits datamodels for every target with `attribution.lasso.fit_datamodels` (the last
-models pick λ; a short, loose λ path), and writes `datamodels/` with one training point per row
-chunk, so a reader of β rows touches exactly the chunks of the rows it asks for.
+models pick λ; a short, loose λ path), and writes `datamodels/` chunked as `dmm fit` chunks it by
+default (FitConfig: 256 targets, one training point per row chunk): the 500 points make 2 target
+chunks, so readers cross a chunk boundary, and a reader of β rows touches only the rows it asks for.
 Callers that make requests copy the store first (`copy_store`).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,7 @@ def build_digits_store(base_dir: Path, num_models: int, val_models: int) -> Digi
 def build_store(url: Path, data: Dataset, num_models: int, val_models: int, lasso: dict) -> DigitsStore:
     """Subset models of `data` (default digits recipe) and datamodels fitted with `lasso` settings."""
     from attribution.lasso import fit_datamodels
+    from cluster.fit import FitConfig  # the CLI's chunking (imported here: it pulls in Ray)
 
     fixture = DigitsStore(str(url), data, default_recipe("digits"))
     store = AttributionStore.open_or_create(fixture.url, fixture.spec(), num_models)
@@ -89,8 +93,12 @@ def build_store(url: Path, data: Dataset, num_models: int, val_models: int, lass
     x, y = masks.astype(np.float32), logits.reshape(len(masks), -1)
     fit = fit_datamodels(x[:-val_models], y[:-val_models], x[-val_models:], y[-val_models:], **lasso)
     shape = (data.n_points, data.num_classes)
-    group = store.create_fit_group("datamodels", target_chunk=data.n_points, row_chunk=1, config=lasso)
-    group.write_chunk(0, fit.weight.reshape(data.n_train, *shape), fit.bias.reshape(shape), fit.lam.reshape(shape))
+    weight, bias, lam = fit.weight.reshape(data.n_train, *shape), fit.bias.reshape(shape), fit.lam.reshape(shape)
+    group = store.create_fit_group("datamodels", target_chunk=FitConfig.targets_per_chunk,
+                                   row_chunk=FitConfig.rows_per_chunk, config=lasso)
+    for c in range(group.num_chunks):
+        sl = group.target_slice(c)
+        group.write_chunk(c, weight[:, sl], bias[sl], lam[sl])
     return fixture
 
 
@@ -113,9 +121,21 @@ def train_and_save(fixture: DigitsStore, paths, seeds, excluded=()) -> list[Path
 
 
 def tree_hashes(*roots) -> dict[str, str]:
-    """sha256 of every file under each root (or of the root itself if it is a file), keyed by path."""
+    """sha256 of every file under each root (or of the root itself if it is a file), keyed by its path
+    relative to the roots' common folder: one directory's keys are relative to it, so two copies compare equal."""
+    roots = [Path(r).resolve() for r in roots]
+    base = Path(os.path.commonpath(roots))
+    base = base.parent if base.is_file() else base
     out = {}
-    for root in map(Path, roots):
+    for root in roots:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+        out.update({str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
     return out
+
+
+def np_margin(z, label: int) -> np.ndarray:
+    """z (..., k): z_label − logsumexp of the other logits, in float64 (the margin, by numpy alone)."""
+    z = np.asarray(z, dtype=np.float64)
+    others = np.delete(z, label, axis=-1)
+    mx = others.max(-1, keepdims=True)
+    return z[..., label] - (mx[..., 0] + np.log(np.exp(others - mx).sum(-1)))

@@ -226,7 +226,8 @@ def test_predict_refuses_changed_data(tmp_path, capsys):
     data = tmp_path / "d.npz"
     np.savez(data, **arrays)
     model = tmp_path / "m.safetensors"
-    assert main(["train", "--dataset", f"npz:{data}", "--model", "mlp", "--out", str(model)]) == 0
+    assert main(["train", "--dataset", f"npz:{data}", "--model", "mlp", "--recipe", "digits-mlp",
+                 "--out", str(model)]) == 0
     npy = tmp_path / "logits.npy"
     assert main(["predict", "--model", str(model), "--out", str(npy)]) == 0
     assert np.load(npy).shape == (50, 2)
@@ -236,3 +237,49 @@ def test_predict_refuses_changed_data(tmp_path, capsys):
     capsys.readouterr()
     run_error(capsys, ["predict", "--model", str(model), "--out", str(npy)], "other data")
     assert not npy.exists()
+
+
+# ---------------------------------------------------------------- --device
+
+def test_device_cpu_is_the_default(trained, tmp_path):
+    out, _ = trained
+    cpu = tmp_path / "cpu.safetensors"
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--seed", "0", "--device", "cpu",
+                 "--out", str(cpu)]) == 0
+    assert cpu.read_bytes() == out.read_bytes()
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert main(["predict", "--model", str(out), "--device", "cpu", "--out", str(a)]) == 0
+    assert main(["predict", "--model", str(out), "--out", str(b)]) == 0
+    np.testing.assert_array_equal(np.load(a), np.load(b))
+
+
+BAD_DEVICES = [("gpu", "unknown device")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU")]) + \
+    [("mps", "not supported")]
+
+
+@pytest.mark.parametrize("device, needle", BAD_DEVICES)
+def test_a_bad_device_is_refused_before_anything_is_written(trained, tmp_path, capsys, device, needle):
+    out, _ = trained
+    model = tmp_path / "m.safetensors"
+    run_error(capsys, ["train", "--device", device, "--out", str(model)], needle, device)
+    npy = tmp_path / "logits.npy"
+    run_error(capsys, ["predict", "--model", str(out), "--device", device, "--out", str(npy)], needle)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2\n")
+    run_error(capsys, ["unlearn", "--store", str(tmp_path / "store"), "--model", str(out), "--forget", str(ids),
+                       "--device", device, "--out", str(tmp_path / "u.safetensors")], needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_train_and_predict_agree_with_cpu(trained, digits, tmp_path):
+    out, _ = trained
+    gpu_logits, cpu_logits = tmp_path / "g.npy", tmp_path / "c.npy"
+    assert main(["predict", "--model", str(out), "--device", "cuda", "--out", str(gpu_logits)]) == 0
+    assert main(["predict", "--model", str(out), "--out", str(cpu_logits)]) == 0
+    np.testing.assert_allclose(np.load(gpu_logits), np.load(cpu_logits), rtol=1e-4, atol=1e-4)
+    gpu_model = tmp_path / "g.safetensors"
+    assert main(["train", "--dataset", "digits", "--device", "cuda", "--out", str(gpu_model)]) == 0
+    model, _ = load_model(gpu_model, digits)
+    with torch.no_grad():
+        assert (model(digits.x_test).argmax(1) == digits.y_test).float().mean().item() >= 0.9

@@ -163,7 +163,7 @@ def test_cifar10_archive_download_and_checksum(tmp_path):
     src = write_archive(tmp_path / "served.tar.gz", tiny_batches())
     blob = src.read_bytes()
     root = tmp_path / "cache"
-    got = cifar10_archive(root, url=src.as_uri(), md5=hashlib.md5(blob).hexdigest())
+    got = cifar10_archive(root, url=src.as_uri(), md5=hashlib.md5(blob).hexdigest(), download=True)
     assert got == root / "cifar-10-python.tar.gz"
     assert got.read_bytes() == blob
     assert not list(root.glob("*.part"))
@@ -176,14 +176,14 @@ def test_cifar10_archive_download_and_checksum(tmp_path):
 def test_cifar10_archive_wrong_md5(tmp_path):
     src = write_archive(tmp_path / "served.tar.gz", tiny_batches())
     with pytest.raises(DatasetError) as e:
-        cifar10_archive(tmp_path / "cache", url=src.as_uri(), md5="0" * 32)
+        cifar10_archive(tmp_path / "cache", url=src.as_uri(), md5="0" * 32, download=True)
     assert_one_line(e.value, "md5")
 
 
 def test_cifar10_archive_download_failure(tmp_path):
     root = tmp_path / "cache"
     with pytest.raises(DatasetError) as e:
-        cifar10_archive(root, url=(tmp_path / "missing.tar.gz").as_uri(), md5=None)
+        cifar10_archive(root, url=(tmp_path / "missing.tar.gz").as_uri(), md5=None, download=True)
     assert_one_line(e.value, "download")
     assert list(root.iterdir()) == []
 
@@ -195,6 +195,29 @@ def test_cifar10_registry_verifies_the_official_checksum(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as e:
         load_dataset("cifar10")
     assert_one_line(e.value, "md5")
+
+
+def test_cifar10_is_downloaded_only_when_asked(tmp_path, monkeypatch):
+    from attribution import datasets
+
+    served = write_archive(tmp_path / "served.tar.gz", tiny_batches())
+    calls = []
+
+    def fake_download(url, dest):
+        calls.append(url)
+        Path(dest).write_bytes(served.read_bytes())
+    monkeypatch.setattr(datasets.urllib.request, "urlretrieve", fake_download)
+    monkeypatch.setattr(datasets, "_LOADED", {})
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DMM_DATA", str(cache))
+    with pytest.raises(DatasetError) as e:
+        load_dataset("cifar10")
+    assert_one_line(e.value, "no archive", "--dataset cifar10")
+    assert calls == [] and not cache.exists()
+    with pytest.raises(DatasetError) as e:  # asked: fetched once, then refused for failing the official md5
+        load_dataset("cifar10", download=True)
+    assert_one_line(e.value, "md5")
+    assert calls == [datasets.CIFAR10_URL] and (cache / "cifar-10-python.tar.gz").read_bytes() == served.read_bytes()
 
 
 def test_cifar10_missing_batch(tmp_path):

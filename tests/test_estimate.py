@@ -1,7 +1,6 @@
 """`dmm estimate` / `dmm status` / `dmm submit` arguments: blocks, resume, growth, refusal, status."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,9 @@ from attribution.errors import DmmError
 from attribution.store import AttributionStore
 from cluster.cli import main
 from cluster.estimate import EstimateRequest, run_estimate, train_block
+from fixtures_store import tree_hashes
 
 TINY = dict(epochs=2, block_size=4)  # the digits recipe cut to 2 epochs: blocks train in ~0.1 s
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """sha256 of every file under path (what "left unchanged" and "same bytes" compare)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_estimate_writes_the_deterministic_blocks(ray_session, tmp_path):
@@ -38,22 +32,27 @@ def test_estimate_writes_the_deterministic_blocks(ray_session, tmp_path):
 def test_rerun_skips_done_blocks_and_num_models_grows(ray_session, tmp_path):
     request = EstimateRequest.build("digits", **TINY)
     run_estimate(request, tmp_path / "s", 8, progress=False)
-    before = tree_digest(tmp_path / "s")
+    before = tree_hashes(tmp_path / "s")
     again = run_estimate(request, tmp_path / "s", 8, progress=False)
     assert (again.trained, again.skipped) == (0, 2)
-    assert tree_digest(tmp_path / "s") == before
+    assert tree_hashes(tmp_path / "s") == before
     grown = run_estimate(request, tmp_path / "s", 10, progress=False)
     assert (grown.trained, grown.skipped) == (1, 2)
     assert grown.store.completed_models() == grown.store.allocated_models == 12
 
 
-def test_a_rewritten_block_has_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rewritten_block_has_the_same_bytes(tmp_path, threads):
+    """A retry runs with its task's thread count: the same bytes; with another count, the same values
+    up to float rounding (conftest restores the thread count train_block sets)."""
     request = EstimateRequest.build("digits", **TINY)
     store = AttributionStore.open_or_create(tmp_path / "s", request.spec(load_dataset("digits")), 4)
-    train_block(store, request, 0, threads=1)
-    first = tree_digest(tmp_path / "s")
-    train_block(store, request, 0, threads=1)  # what a retry does
-    assert tree_digest(tmp_path / "s") == first
+    train_block(store, request, 0, threads=threads)
+    first, logits = tree_hashes(tmp_path / "s"), store.read()[1]
+    train_block(store, request, 0, threads=threads)  # what a retry does
+    assert tree_hashes(tmp_path / "s") == first
+    train_block(store, request, 0, threads=3 - threads)  # the same block with the other count
+    np.testing.assert_allclose(store.read()[1], logits, rtol=1e-5, atol=1e-5)
 
 
 def _npz(path: Path, shift: float = 0.0) -> str:
@@ -67,11 +66,11 @@ def _npz(path: Path, shift: float = 0.0) -> str:
                                     ["--epochs", "3"], ["--block-size", "8"], "other-dataset", "fingerprint"])
 def test_a_store_built_for_another_request_is_refused_unchanged(tmp_path, capsys, change):
     data = _npz(tmp_path / "d.npz")
-    base = ["estimate", "--dataset", data, "--num-models", "4", "--store", tmp_path / "s", "--epochs", "2",
-            "--block-size", "4"]
-    spec = EstimateRequest.build(data, **TINY).spec(load_dataset(data))
+    base = ["estimate", "--dataset", data, "--model", "mlp", "--recipe", "digits-mlp", "--num-models", "4",
+            "--store", tmp_path / "s", "--epochs", "2", "--block-size", "4"]
+    spec = EstimateRequest.build(data, "mlp", "digits-mlp", **TINY).spec(load_dataset(data))
     AttributionStore.open_or_create(tmp_path / "s", spec, 4)
-    before = tree_digest(tmp_path / "s")
+    before = tree_hashes(tmp_path / "s")
     if change == "other-dataset":
         args = [a if a != data else "digits" for a in base]
     elif change == "fingerprint":
@@ -82,7 +81,7 @@ def test_a_store_built_for_another_request_is_refused_unchanged(tmp_path, capsys
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dmm: error: store ") and "different request" in err and err.count("\n") == 1
-    assert tree_digest(tmp_path / "s") == before
+    assert tree_hashes(tmp_path / "s") == before
 
 
 def test_status_prints_progress_and_attributes(ray_session, tmp_path, capsys):

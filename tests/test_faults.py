@@ -54,7 +54,7 @@ def invalid_mlp(input_shape, num_classes):
 
 def test_a_transient_error_is_retried(ray_session, tmp_path):
     (scratch() / "armed").touch()
-    request = EstimateRequest.build("digits", "tests.test_faults:flaky_mlp", epochs=2, block_size=4)
+    request = EstimateRequest.build("digits", "tests.test_faults:flaky_mlp", "digits-mlp", epochs=2, block_size=4)
     result = run_estimate(request, tmp_path / "s", 4, progress=False)
     assert not (scratch() / "armed").exists()  # the error did happen
     assert result.store.completed_models() == 4
@@ -62,7 +62,7 @@ def test_a_transient_error_is_retried(ray_session, tmp_path):
 
 def test_an_input_error_fails_at_once_on_one_line(ray_session, tmp_path):
     (scratch() / "invalid-calls").unlink(missing_ok=True)
-    request = EstimateRequest.build("digits", "tests.test_faults:invalid_mlp", epochs=2, block_size=4)
+    request = EstimateRequest.build("digits", "tests.test_faults:invalid_mlp", "digits-mlp", epochs=2, block_size=4)
     with pytest.raises(DmmError, match="^injected input error; fix the input$"):
         run_estimate(request, tmp_path / "s", 4, progress=False)
     assert (scratch() / "invalid-calls").read_text() == "x\n"

@@ -6,8 +6,8 @@ import pytest
 import scipy.stats
 
 from attribution.errors import DmmError
-from attribution.lds import (average_ranks, format_summary, holdout_split, lds, measure, predict,
-                             summarize)
+from attribution.lds import format_report, format_summary, holdout_split, lds, measure, predict, report, summarize
+from fixtures_store import np_margin
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -20,7 +20,6 @@ def test_spearman_matches_scipy_with_ties():
     want = np.array([[scipy.stats.spearmanr(pred[:, i, j], real[:, i, j]).statistic for j in range(5)]
                      for i in range(6)])
     np.testing.assert_allclose(got, want, atol=1e-12)
-    np.testing.assert_array_equal(average_ranks(pred), scipy.stats.rankdata(pred, axis=0))
 
 
 def test_predict_equals_brute_force_sum():
@@ -35,11 +34,6 @@ def test_predict_equals_brute_force_sum():
             for c in range(k):
                 want[j, x, c] = bias[x, c] + sum(weight[i, x, c] for i in range(n) if masks[j, i])
     np.testing.assert_allclose(predict(masks, weight, bias), want, rtol=1e-5, atol=1e-5)
-
-
-def np_margin(logits: np.ndarray, label: int) -> float:
-    others = np.delete(logits, label)
-    return logits[label] - (others.max() + np.log(np.exp(others - others.max()).sum()))
 
 
 def test_measure_margin_is_margin_of_predicted_logits():
@@ -73,13 +67,36 @@ def test_perfect_linear_data_gives_lds_one():
     np.testing.assert_allclose(lds(real, 2 * real.astype(np.float64) ** 3 + 1), 1.0, atol=1e-12)  # monotone
 
 
-def test_constant_column_is_nan():
+def test_a_constant_prediction_scores_zero_and_a_constant_output_is_nan():
     rng = np.random.default_rng(4)
-    pred, real = rng.standard_normal((10, 3)), rng.standard_normal((10, 3))
-    pred[:, 1] = 0.5
-    real[:, 2] = -1.0
+    pred, real = rng.standard_normal((10, 4)), rng.standard_normal((10, 4))
+    pred[:, 1] = 0.5  # predicts nothing of a varying output: LDS 0
+    real[:, 2] = -1.0  # nothing to predict: undefined
+    pred[:, 3], real[:, 3] = 0.5, -1.0
     got = lds(pred, real)
-    assert np.isfinite(got[0]) and np.isnan(got[1]) and np.isnan(got[2])
+    assert np.isfinite(got[0]) and got[1] == 0.0 and np.isnan(got[2]) and np.isnan(got[3])
+
+
+def test_an_all_zero_datamodel_counts_as_lds_zero_in_the_summaries():
+    """Three targets: two with their real weights (LDS 1) and one all-zero datamodel. The means count it
+    as 0 (2/3), not as a dropped NaN (which would report 1.0)."""
+    rng = np.random.default_rng(5)
+    masks = rng.random((20, 30)) < 0.5
+    weight = rng.standard_normal((30, 3, 4)).astype(np.float32)
+    bias = rng.standard_normal((3, 4)).astype(np.float32)
+    real = predict(masks, weight, bias)
+    weight[:, 2] = 0.0
+    per_class, margin = measure(masks, weight, bias, real, np.array([0, 1, 2]))
+    np.testing.assert_array_equal(per_class[2], 0.0)
+    assert margin[2] == 0.0
+    summaries = report(per_class, margin, n_train=3)
+    assert summaries["train points, per class"]["mean"] == pytest.approx(2 / 3)
+    assert summaries["train points, margin"] == pytest.approx(
+        {"mean": 2 / 3, "q25": 0.5, "median": 1.0, "q75": 1.0, "n": 3, "undefined": 0})
+    assert summaries["held-out points, margin"]["n"] == 0
+    assert list(summaries) == ["held-out points, per class", "held-out points, margin",
+                               "train points, per class", "train points, margin"]
+    assert format_report(summaries)[3] == "  " + format_summary("train points, margin", summaries["train points, margin"])
 
 
 def test_shape_mismatch_is_an_input_error():
@@ -87,12 +104,15 @@ def test_shape_mismatch_is_an_input_error():
         lds(np.zeros((4, 2)), np.zeros((4, 3)))
 
 
-def test_summarize_and_format():
+def test_summarize_and_format_say_how_many_values_were_undefined():
     s = summarize(np.array([[0.1, 0.2], [0.3, np.nan], [0.4, 0.5]]))
-    assert s == pytest.approx({"mean": 0.3, "q25": 0.2, "median": 0.3, "q75": 0.4, "n": 5})
-    assert format_summary("margin", s) == "LDS margin: mean 0.300 | q25 0.200  median 0.300  q75 0.400 (n=5)"
+    assert s == pytest.approx({"mean": 0.3, "q25": 0.2, "median": 0.3, "q75": 0.4, "n": 5, "undefined": 1})
+    assert (format_summary("margin", s)
+            == "LDS margin: mean 0.300 | q25 0.200  median 0.300  q75 0.400 (n=5, 1 undefined left out)")
+    full = summarize(np.array([0.1, 0.3]))
+    assert format_summary("margin", full) == "LDS margin: mean 0.200 | q25 0.150  median 0.200  q75 0.250 (n=2)"
     empty = summarize(np.full(3, np.nan))
-    assert empty["n"] == 0 and np.isnan(empty["mean"])
+    assert empty["n"] == 0 and empty["undefined"] == 3 and np.isnan(empty["mean"])
 
 
 def test_holdout_split_holds_out_the_first_models():

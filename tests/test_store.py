@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import pickle
+import re
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from attribution.store import (
     StoreSpec,
     schema_table,
 )
+from fixtures_store import tree_hashes
 
 N_TRAIN, N_POINTS, K, BS = 12, 17, 3, 4
 
@@ -47,15 +47,6 @@ def block_data(block: int, bs: int = BS):
     masks = rng.random((bs, N_TRAIN)) < 0.5
     logits = rng.standard_normal((bs, N_POINTS, K)).astype(np.float32)
     return masks, logits
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath, f)
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture
@@ -340,9 +331,11 @@ def test_fit_group(tmp_path):
     # same settings: resume; different: refused, nothing written; overwrite: fresh group
     assert st.create_fit_group("datamodels", 5, 4, {"num_models": 8}).completed_chunks() == [0, 3]
     before = tree_hashes(tmp_path)
-    with pytest.raises(StoreMismatch, match="config.*|num_models"):
+    with pytest.raises(StoreMismatch, match=re.escape(
+            'datamodels group in ' + url + ' was fitted differently: config store={"num_models": 8} '
+            'request={"num_models": 16}; fix: pass the same settings to resume, or overwrite=True to refit')):
         st.create_fit_group("datamodels", 5, 4, {"num_models": 16})
-    with pytest.raises(StoreMismatch, match="target_chunk"):
+    with pytest.raises(StoreMismatch, match=r"fitted differently: target_chunk store=5 request=6; fix: "):
         st.create_fit_group("datamodels", 6, 4, {"num_models": 8})
     assert tree_hashes(tmp_path) == before
     fresh = st.create_fit_group("datamodels", 6, 4, {"num_models": 16}, overwrite=True)
@@ -359,7 +352,7 @@ def test_original_logits(mem_url):
     st.write_original_logits(lg, "a" * 64)
     ro = AttributionStore.open(mem_url)
     np.testing.assert_array_equal(ro.read_original_logits("a" * 64), lg)
-    with pytest.raises(StoreMismatch, match="original logits"):
+    with pytest.raises(StoreMismatch, match=r"original logits .*`dmm unlearn`"):
         ro.read_original_logits("b" * 64)
     st.write_original_logits(lg + 1, "b" * 64)
     np.testing.assert_array_equal(AttributionStore.open(mem_url).read_original_logits("b" * 64), lg + 1)

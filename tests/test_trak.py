@@ -1,19 +1,25 @@
 """TRAK stage (attribution/trak.py, `dmm trak`) end to end on a tiny digits store: 64 subset models."""
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from attribution import trak
 from attribution.datasets import load_dataset
 from attribution.engine import train_batched
-from attribution.lds import holdout_split, measure, predict
+from attribution.lds import holdout_split, predict
 from attribution.models import build_model
 from attribution.recipes import default_recipe
-from attribution.store import AttributionStore, StoreSpec
+from attribution.store import AttributionStore, StoreError, StoreMismatch, StoreSpec
 from attribution.subsets import block_subsets
 from cluster.cli import main
+
+from fixtures_store import np_margin, tree_hashes
 
 NUM_MODELS, BLOCK, HOLDOUT = 64, 32, 16
 SETTINGS = trak.TrakSettings(checkpoints=2, proj_dim=128, holdout_models=HOLDOUT, target_chunk=600)
@@ -49,32 +55,42 @@ def test_trak_group_shapes_finite_and_complete(tiny_store):
     assert group.config["checkpoints"] == 2 and group.config["proj_dim"] == 128
 
 
-def test_calibration_beats_the_constant_predictor(tiny_store):
+def test_calibration_is_least_squares_on_the_fitting_models(tiny_store):
+    """numpy's lstsq of y_j on [S_j·β, 1] over the fitting models must give slope 1 and intercept β0:
+    β = a·τ, β0 = b are the least-squares fit there (not on the held-out models, not without an intercept)."""
     store, data, _ = tiny_store
     masks, logits, _ = store.read()
-    fit_rows, eval_rows = holdout_split(len(masks), HOLDOUT)
+    fit_rows, _ = holdout_split(len(masks), HOLDOUT)
     group = store.fit_group("trak")
-    pred = predict(masks, np.asarray(group.weight[:]), np.asarray(group.bias[:]))
-    # least squares with an intercept is never worse than its a = 0 case on the models it was fitted on
-    mse = ((pred[fit_rows] - logits[fit_rows]) ** 2).mean(0)
-    assert (mse <= logits[fit_rows].var(0) * (1 + 1e-4) + 1e-6).all()
-    # and it generalises to the held-out models on average
-    held = ((pred[eval_rows] - logits[eval_rows]) ** 2).mean()
-    assert held < ((logits[eval_rows] - logits[fit_rows].mean(0)) ** 2).mean()
+    weight, bias = np.asarray(group.weight[:], np.float64), np.asarray(group.bias[:], np.float64)
+    x = masks[fit_rows].astype(np.float64)
+    rng = np.random.default_rng(0)
+    pairs = [(int(p), int(c)) for p, c in zip(rng.integers(0, data.n_points, 40), rng.integers(0, 10, 40))]
+    for p, c in pairs:
+        z, y = x @ weight[:, p, c], logits[fit_rows, p, c].astype(np.float64)
+        (slope, intercept), *_ = np.linalg.lstsq(np.stack([z, np.ones_like(z)], 1), y, rcond=None)
+        assert slope == pytest.approx(1.0, abs=1e-3) and intercept == pytest.approx(bias[p, c], abs=1e-3), (p, c)
 
 
-def test_lds_positive_and_matches_recomputation(tiny_store):
+def test_stored_lds_is_spearman_over_the_held_out_models(tiny_store):
     store, data, report = tiny_store
     masks, logits, _ = store.read()
     _, eval_rows = holdout_split(len(masks), HOLDOUT)
     group = store.fit_group("trak")
-    per_class, margin = measure(masks[eval_rows], np.asarray(group.weight[:]), np.asarray(group.bias[:]),
-                                logits[eval_rows], data.all_labels().numpy())
-    np.testing.assert_allclose(np.asarray(group.lds[:]), per_class, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(group.lds_margin[:]), margin, atol=1e-5)
+    weight, bias = np.asarray(group.weight[:], np.float64), np.asarray(group.bias[:], np.float64)
+    stored, stored_margin = np.asarray(group.lds[:]), np.asarray(group.lds_margin[:])
+    x, real = masks[eval_rows].astype(np.float64), logits[eval_rows].astype(np.float64)
+    labels = data.all_labels().numpy()
+    for p in (0, 5, 700, 1436, 1437, 1796):  # train and held-out points, across chunks
+        pred = x @ weight[:, p, :] + bias[p]  # (H, k)
+        for c in range(data.num_classes):
+            want = scipy.stats.spearmanr(pred[:, c], real[:, p, c]).statistic
+            assert stored[p, c] == pytest.approx(want, abs=1e-5), (p, c)
+        want = scipy.stats.spearmanr(np_margin(pred, labels[p]), np_margin(real[:, p], labels[p])).statistic
+        assert stored_margin[p] == pytest.approx(want, abs=1e-5), p
     n = data.n_train
-    assert np.nanmean(margin[:n]) > 0.1 and np.nanmean(per_class[:n]) > 0.1
-    assert report.lds["train points, margin"]["mean"] == pytest.approx(np.nanmean(margin[:n]), abs=1e-5)
+    assert np.mean(stored_margin[:n]) > 0.1 and np.mean(stored[:n]) > 0.1
+    assert report.lds["train points, margin"]["mean"] == pytest.approx(np.mean(stored_margin[:n]), abs=1e-5)
 
 
 def test_rerun_skips_done_chunks_and_redoes_a_missing_one(tiny_store, monkeypatch):
@@ -88,6 +104,59 @@ def test_rerun_skips_done_chunks_and_redoes_a_missing_one(tiny_store, monkeypatc
 
     monkeypatch.setattr(trak, "train_checkpoints", lambda *a, **k: pytest.fail("a complete group retrained"))
     assert (trak.run_trak(store, SETTINGS).written, group.is_complete()) == (0, True)
+
+
+def test_a_resumed_fit_keeps_its_first_models_and_checkpoints(tiny_store, tmp_path, monkeypatch):
+    """Chunk 1 rescored after the store grew (and with the trainer now giving other checkpoints) equals the
+    chunk scored with the first run's 48 calibration models and kept checkpoints."""
+    store, data, _ = tiny_store
+    copy = AttributionStore.open(shutil.copytree(store.url, tmp_path / "s.zarr"), mode="r+")
+    group = copy.fit_group("trak")
+    before = np.asarray(group.weight[:, group.target_slice(1)])
+    group.done[1:2] = np.zeros(1, dtype=bool)
+    copy.ensure_capacity(NUM_MODELS + BLOCK)  # the store grows by a block of (noise) models
+    rng = np.random.default_rng(0)
+    copy.write_block(2, rng.random((BLOCK, data.n_train)) < 0.5,
+                     rng.standard_normal((BLOCK, data.n_points, data.num_classes)).astype(np.float32))
+    train, noise = trak.train_checkpoints, torch.Generator().manual_seed(0)
+    monkeypatch.setattr(trak, "train_checkpoints", lambda *a, **k: [
+        {name: v + 0.1 * torch.randn(v.shape, generator=noise) for name, v in state.items()} for state in train(*a, **k)])
+    again = trak.run_trak(copy, SETTINGS)
+    assert (again.written, again.skipped, again.calibration_models) == (1, 2, NUM_MODELS - HOLDOUT)
+    assert group.config["calibration_blocks"] == [0, 1]
+    np.testing.assert_allclose(np.asarray(group.weight[:, group.target_slice(1)]), before, rtol=1e-4, atol=1e-6)
+
+
+def test_a_resume_with_other_settings_or_without_kept_checkpoints_is_refused(tiny_store, tmp_path):
+    store, _, _ = tiny_store
+    copy = AttributionStore.open(shutil.copytree(store.url, tmp_path / "s.zarr"), mode="r+")
+    copy.fit_group("trak").done[1:2] = np.zeros(1, dtype=bool)
+    digest = tree_hashes(tmp_path / "s.zarr")
+    with pytest.raises(StoreMismatch, match=r"trak/ .* other settings: checkpoints=2 \(now 3\); .*--overwrite"):
+        trak.run_trak(copy, replace(SETTINGS, checkpoints=3))
+    assert tree_hashes(tmp_path / "s.zarr") == digest
+    shutil.rmtree(tmp_path / "s.zarr" / "trak" / trak.CHECKPOINTS)  # a group written before checkpoints were kept
+    with pytest.raises(StoreError, match="no kept checkpoints.*--overwrite"):
+        trak.run_trak(copy, SETTINGS)
+
+
+def test_kept_checkpoints_round_trip_every_state_dict_entry():
+    spec = StoreSpec(dataset="tiny", fingerprint="0" * 64, model="mlp", recipe={}, alpha=0.5, seed=0, block_size=2,
+                     n_train=4, n_points=6, num_classes=2)
+    group = AttributionStore.open_or_create("memory://trak-checkpoints", spec, 2).create_fit_group("trak", 6, 4)
+    assert trak.stored_checkpoints(group) is None
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        net(torch.randn(5, 3))  # running statistics and the int64 0-d counter move
+        states.append(net.state_dict())
+    trak.keep_checkpoints(group, states)
+    kept = trak.stored_checkpoints(group)
+    assert len(kept) == 2 and all(list(k) == list(s) for k, s in zip(kept, states))
+    for k, s in zip(kept, states):
+        for name, value in s.items():
+            assert k[name].dtype == value.dtype and torch.equal(k[name], value), name
 
 
 def test_calibrate_recovers_scale_and_intercept():

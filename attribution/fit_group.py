@@ -1,0 +1,214 @@
+"""Fit groups: ``datamodels/`` and ``trak/``, the β matrices of one store, written per target chunk.
+
+A group holds weight β_{i,x,c} (n_train × n_points × k), bias β0, the chosen λ, the LDS per
+(x, c) and per margin, and one ``done`` marker per target chunk, set after that chunk's data.
+Its attrs ``target_chunk``, ``row_chunk`` and ``config`` key a resumable fit: reopening it with
+other values is a ``StoreMismatch`` unless the caller asks to refit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import zarr
+
+from .store_spec import SCHEMA_VERSION, StoreError, StoreMismatch, norm_json, short_value, spec_diff
+from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir
+
+if TYPE_CHECKING:
+    from .store import AttributionStore
+
+FIT_PREFIXES = ("datamodels", "trak")
+
+
+def _check_prefix(prefix: str) -> None:
+    if prefix not in FIT_PREFIXES:
+        raise StoreError(f"fit group prefix must be one of {FIT_PREFIXES}, got {prefix!r}; fix: use one of them")
+
+
+def fit_group_attrs(store: "AttributionStore", prefix: str) -> dict | None:
+    """The attrs of the store's ``prefix`` group, or None if there is none."""
+    node = store.group.get(prefix)
+    if node is None or not isinstance(node, zarr.Group):
+        return None
+    return dict(node.attrs)
+
+
+def open_fit_group(store: "AttributionStore", prefix: str) -> "FitGroup":
+    """Open an existing ``datamodels``/``trak`` group (StoreError if absent)."""
+    _check_prefix(prefix)
+    if fit_group_attrs(store, prefix) is None:
+        raise StoreError(f"no {prefix} group in store {store.url}; fix: run the fit stage first")
+    return FitGroup(store, prefix)
+
+
+def refuse_other_settings(store: "AttributionStore", prefix: str, settings: dict, fix: str) -> None:
+    """Before anything is written: refuse to resume a ``prefix`` group fitted with other settings, naming each.
+
+    ``settings`` holds ``target_chunk`` and ``row_chunk`` (compared as :func:`create_fit_group` clips them)
+    and the config entries; ``fix`` ends the one-line error (how to resume or start over).
+    """
+    have = fit_group_attrs(store, prefix)
+    if have is None:
+        return
+    s = store.spec
+    clipped = {"target_chunk": min(settings["target_chunk"], s.n_points), "row_chunk": min(settings["row_chunk"], s.n_train)}
+    have = {"target_chunk": have["target_chunk"], "row_chunk": have["row_chunk"], **have.get("config", {})}
+    want = norm_json({**settings, **clipped}, f"{prefix} settings")
+    diff = [f"{k}={short_value(have.get(k))} (now {short_value(v)})" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise StoreMismatch(f"{prefix}/ in {store.url} was fitted with other settings: {', '.join(diff)}; fix: {fix}")
+
+
+def create_fit_group(
+    store: "AttributionStore",
+    prefix: str,
+    target_chunk: int,
+    row_chunk: int,
+    config: dict | None = None,
+    overwrite: bool = False,
+) -> "FitGroup":
+    """Create (or reopen, if identical) the ``datamodels``/``trak`` group of ``store``.
+
+    An existing group with a different target_chunk/row_chunk/config raises
+    ``StoreMismatch`` unless ``overwrite=True``, which deletes it first.
+    """
+    store._require_writable()
+    _check_prefix(prefix)
+    s = store.spec
+    for name, v in (("target_chunk", target_chunk), ("row_chunk", row_chunk)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise StoreError(f"{name} must be a positive int, got {v!r}; fix: pass e.g. 256")
+    tc, rc = min(int(target_chunk), s.n_points), min(int(row_chunk), s.n_train)
+    config = norm_json(config or {}, f"{prefix} config")
+    want = {"target_chunk": tc, "row_chunk": rc, "config": config}
+    existing = fit_group_attrs(store, prefix)
+    if existing is not None:
+        diff = spec_diff(existing, want)
+        if not diff:
+            return FitGroup(store, prefix)
+        if not overwrite:
+            raise StoreMismatch(
+                f"{prefix} group in {store.url} was fitted differently: {'; '.join(diff)}; "
+                "fix: pass the same settings to resume, or overwrite=True to refit"
+            )
+    if store.group.get(prefix) is not None:
+        delete_dir(store.group, prefix)
+    k, nc = s.num_classes, math.ceil(s.n_points / tc)
+    g = store.group.create_group(
+        prefix,
+        attributes={
+            "fingerprint": s.fingerprint, "schema_version": SCHEMA_VERSION, "kind": prefix,
+            "target_chunk": tc, "row_chunk": rc, "config": config,
+        },
+    )
+    nan = float("nan")
+    for name, shape, chunks, fill, meaning in (
+        ("weight", (s.n_train, s.n_points, k), (rc, tc, k), 0.0, "beta[i, x, c]: effect of train point i on logit c of x"),
+        ("bias", (s.n_points, k), (tc, k), 0.0, "intercept per (x, c)"),
+        ("lam", (s.n_points, k), (tc, k), nan, "L1 strength per (x, c)"),
+        ("lds", (s.n_points, k), (tc, k), nan, "linear datamodeling score per (x, c)"),
+        ("lds_margin", (s.n_points,), (tc,), nan, "linear datamodeling score of the margin of x"),
+    ):
+        g.create_array(
+            name, shape=shape, chunks=chunks, dtype="float32", fill_value=fill,
+            compressors=COMPRESSORS, config=ARRAY_CONFIG, attributes=array_attrs(s.fingerprint, meaning),
+        )
+    g.create_array(
+        "done", shape=(nc,), chunks=(1,), dtype="bool", fill_value=False, compressors=COMPRESSORS,
+        config=ARRAY_CONFIG, attributes=array_attrs(s.fingerprint, "target-chunk completion markers"),
+    )
+    return FitGroup(store, prefix)
+
+
+class FitGroup:
+    """``datamodels/`` or ``trak/``: β (n_train × n_points × k) plus per-target-chunk markers.
+
+    The fit stage owns target chunks: ``write_chunk(c, ...)`` writes all rows of targets
+    ``target_slice(c)`` (whole weight chunks in one column) and then sets ``done[c]``.
+    DM-Direct reads a few rows over all targets with :meth:`read_weight_rows`.
+    """
+
+    def __init__(self, store: "AttributionStore", prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix
+        g = store.group[prefix]
+        self.attrs = dict(g.attrs)
+        self.target_chunk = int(self.attrs["target_chunk"])
+        self.row_chunk = int(self.attrs["row_chunk"])
+        self.config = self.attrs.get("config", {})
+        self.weight = store.zarr_array(f"{prefix}/weight")
+        self.bias = store.zarr_array(f"{prefix}/bias")
+        self.lam = store.zarr_array(f"{prefix}/lam")
+        self.lds = store.zarr_array(f"{prefix}/lds")
+        self.lds_margin = store.zarr_array(f"{prefix}/lds_margin")
+        self.done = store.zarr_array(f"{prefix}/done")
+        self.num_chunks = self.done.shape[0]
+
+    def __repr__(self) -> str:
+        return f"FitGroup({self.prefix!r}, {len(self.completed_chunks())}/{self.num_chunks} target chunks)"
+
+    def target_slice(self, chunk: int) -> slice:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or not 0 <= chunk < self.num_chunks:
+            raise StoreError(f"target chunk {chunk!r} out of range [0, {self.num_chunks}); fix: use missing_chunks()")
+        n = self.store.spec.n_points
+        return slice(int(chunk) * self.target_chunk, min((int(chunk) + 1) * self.target_chunk, n))
+
+    def completed_chunks(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(np.asarray(self.done[:], dtype=bool))]
+
+    def missing_chunks(self) -> list[int]:
+        done = set(self.completed_chunks())
+        return [c for c in range(self.num_chunks) if c not in done]
+
+    def is_complete(self) -> bool:
+        return not self.missing_chunks()
+
+    def write_chunk(
+        self,
+        chunk: int,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        lam: np.ndarray | None = None,
+        lds: np.ndarray | None = None,
+        lds_margin: np.ndarray | None = None,
+    ) -> None:
+        """Write target chunk ``chunk``: weight (n_train × t × k), bias/lam/lds (t × k), lds_margin (t,); marker last."""
+        self.store._require_writable()
+        sl = self.target_slice(chunk)
+        s = self.store.spec
+        t, k = sl.stop - sl.start, s.num_classes
+        arrays = {"weight": (weight, (s.n_train, t, k))}
+        for name, val in (("bias", bias), ("lam", lam), ("lds", lds)):
+            if val is not None:
+                arrays[name] = (val, (t, k))
+        if lds_margin is not None:
+            arrays["lds_margin"] = (lds_margin, (t,))
+        for name, (val, shape) in arrays.items():
+            val = np.asarray(val)
+            if val.shape != shape:
+                raise StoreError(
+                    f"{self.prefix} chunk {chunk} {name} has shape {val.shape}, expected {shape}; "
+                    "fix: fit all rows of the chunk's targets"
+                )
+            arrays[name] = (val.astype(np.float32, copy=False), shape)
+        self.weight[:, sl, :] = arrays["weight"][0]
+        for name in ("bias", "lam", "lds", "lds_margin"):
+            if name in arrays:
+                getattr(self, name)[sl] = arrays[name][0]
+        self.done[chunk : chunk + 1] = np.ones(1, dtype=bool)
+
+    def read_weight_rows(self, rows: Sequence[int] | np.ndarray, targets: slice | None = None) -> np.ndarray:
+        """β rows for training points ``rows`` (len(rows) × targets × k): what DM-Direct sums over F."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= self.store.spec.n_train)):
+            raise StoreError(f"rows must be train indices in [0, {self.store.spec.n_train}); fix: pass forget-set indices")
+        t = slice(None) if targets is None else targets
+        if rows.size == 0:
+            return np.asarray(self.weight[0:0, t, :])
+        return np.asarray(self.weight.oindex[rows, t, :])
+
+    def read_bias(self, targets: slice | None = None) -> np.ndarray:
+        return np.asarray(self.bias[slice(None) if targets is None else targets])

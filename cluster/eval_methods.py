@@ -1,0 +1,99 @@
+"""The methods `dmm evaluate` compares, and how one is applied to the N original models.
+
+Every method of the registry (`matching.methods`) runs on each original θ_n with F and its
+hyperparameters. Three populations are not registry edits of a model:
+
+- `nothing`   the originals θ_n themselves (what an unlearning method must move away from);
+- `retrain`   N fresh models trained on S∖F with their own seeds: the second, independent oracle set,
+              whose KLoM against the oracles is the noise floor (DESIGN.md §2);
+- `dm-direct` DM-Direct's predicted outputs h_n(x) = f_x(θ_n) − Σ_{i∈F} β_{i,x,:} (no model).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, fields, replace
+
+import numpy as np
+import torch
+
+from attribution.datasets import Dataset
+from attribution.errors import DmmError
+from attribution.evaluation import model_logits
+from attribution.models import build_model
+from matching.direct import fitted_group, forget_effect
+from matching.methods import METHOD_CONFIGS, METHOD_NEEDS, METHODS, UnlearnTask
+
+POPULATIONS = ("nothing", "retrain", "dm-direct")
+EVAL_METHODS = (*POPULATIONS, *sorted(METHODS))
+
+
+class MethodConfigError(DmmError):
+    """Hyperparameters a method does not have, or values it cannot take."""
+
+
+def method_needs(name: str) -> frozenset[str]:
+    """Inputs of method `name` beyond the originals and F: "store" (β), "oracles" (OM's targets)."""
+    if name == "dm-direct":
+        return frozenset({"store"})
+    return METHOD_NEEDS.get(name, frozenset())
+
+
+def method_config(name: str, params: dict) -> dict:
+    """Validated hyperparameters of `name` with its defaults filled in (a JSON-able dict)."""
+    if not isinstance(params, dict):
+        raise MethodConfigError(f"hyperparameters of {name} must be a mapping of key: value")
+    if name in POPULATIONS:
+        if params:
+            raise MethodConfigError(f"method {name} takes no hyperparameters; give it {{}}")
+        return {}
+    cls = METHOD_CONFIGS[name]
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        valid = ", ".join(f"{f.name} (default {f.default!r})" for f in known.values())
+        raise MethodConfigError(f"method {name} has no hyperparameter {', '.join(map(repr, unknown))}; valid: {valid}")
+    for key, value in params.items():
+        default = known[key].default
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if not ok or (isinstance(value, bool) and not isinstance(default, bool)):
+            raise MethodConfigError(f"method {name}: {key} is {value!r}; give a {type(default).__name__} "
+                                    f"like the default {default!r}")
+    return asdict(cls(**params))
+
+
+def load_model_from_state(model_name: str, data: Dataset, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(model_name, data.input_shape, data.num_classes, 0)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def apply_method(name: str, params: dict, model_name: str, data: Dataset, states: dict[str, torch.Tensor],
+                 original_logits: np.ndarray, forget_ids: np.ndarray, store=None, attribution: str = "datamodels",
+                 oracle_mean_logits: np.ndarray | None = None):
+    """Run method `name` on every original (stacked `states`, (N, …)); returns (logits (N, P, k) float32,
+    stacked states or None when the method makes no model, seconds per model). Request n draws its
+    random choices (R, minibatch order) from the method's seed + n."""
+    n_models = original_logits.shape[0]
+    if name == "nothing":
+        return original_logits, states, np.zeros(n_models)
+    if name == "dm-direct":
+        start = time.perf_counter()
+        effect = forget_effect(fitted_group(store, attribution), forget_ids).astype(np.float32)
+        seconds = time.perf_counter() - start
+        return (original_logits - effect[None]).astype(np.float32), None, np.full(n_models, seconds)
+    method, config = METHODS[name], METHOD_CONFIGS[name](**params)
+    x = data.all_inputs()
+    logits, new_states, seconds = [], [], []
+    for n in range(n_models):
+        model = load_model_from_state(model_name, data, {k: v[n] for k, v in states.items()})
+        task = UnlearnTask(model=model, data=data, forget_ids=forget_ids, store=store,
+                           original_logits=original_logits[n], attribution=attribution,
+                           config=replace(config, seed=config.seed + n) if hasattr(config, "seed") else config,
+                           oracle_mean_logits=oracle_mean_logits)
+        start = time.perf_counter()
+        unlearned = method(task)
+        seconds.append(time.perf_counter() - start)
+        logits.append(model_logits(unlearned, x).numpy())
+        new_states.append({k: v.detach().clone() for k, v in unlearned.state_dict().items()})
+    stacked = {k: torch.stack([s[k] for s in new_states]) for k in new_states[0]}
+    return np.stack(logits).astype(np.float32), stacked, np.asarray(seconds)

@@ -1,0 +1,200 @@
+"""The stage functions of `dmm evaluate` (DESIGN.md §3), each `fn(config, out, inputs)`.
+
+- `attribution`: the store whose β DM-Direct and DMM use: reused, or estimated and fitted into it.
+- `forget`: F's training ids (`matching.forget_sets`).
+- `population`: N models trained with the store's model and recipe, each on S (the originals) or on
+  S∖F (the oracles, and the independent second oracle set whose KLoM is the floor), trained together
+  with the model-batched engine. Writes logits (N × P × k), the stacked states and the time per model;
+  the floor also times one retrain with the one-model trainer (the cost unit of the report).
+- `method`: one method applied to each of the N originals (`eval_methods.apply_method`).
+- `metrics`: KLoM per point and per group against the oracles, accuracy, MIA, U-LiRA, relearn time,
+  weight distance from the originals, cost.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribution.datasets import Dataset, check_fingerprint, load_dataset
+from attribution.engine import train_batched, train_model
+from attribution.evaluation import margins
+from attribution.recipes import Recipe
+from attribution.store import AttributionStore
+from matching.direct import fitted_group
+from matching.forget_sets import resolve_forget_set
+from matching.klom import klom, klom_summary
+from matching.layer_distance import TOTAL, layer_distances
+from matching.mia import mia_entropy, mia_svc, ulira_auc
+from matching.relearn import relearn_steps
+
+from .eval_methods import apply_method, load_model_from_state
+
+
+def _data(config: dict) -> Dataset:
+    torch.set_num_threads(1)
+    data = load_dataset(config["dataset"])
+    check_fingerprint(data, config["fingerprint"], "the experiment")
+    return data
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def _save_states(path: Path, states: dict[str, torch.Tensor] | None) -> None:
+    if states is not None:
+        save_file({k: v.detach().contiguous() for k, v in states.items()}, str(path))
+
+
+def load_states(directory: Path) -> dict[str, torch.Tensor] | None:
+    path = Path(directory) / "states.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+def _store(inputs: dict) -> AttributionStore:
+    return AttributionStore.open(read_json(inputs["attribution"] / "store.json")["url"], "r")
+
+
+def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
+    """Reuse the store at config["url"], or estimate and fit it there first (both resumable)."""
+    from .estimate import EstimateRequest, run_estimate
+    from .fit import FitConfig, fit_store
+
+    url, source = config["url"], config["source"]
+    if config.get("num_models") is not None:
+        request = EstimateRequest(config["dataset"], config["model"], Recipe.from_dict(config["recipe"]),
+                                  alpha=config["alpha"], seed=config["seed"], block_size=config["block_size"])
+        run_estimate(request, url, config["num_models"], progress=False)
+        if source == "trak":
+            from attribution.trak import TrakSettings, run_trak
+            run_trak(AttributionStore.open(url, "r+"), TrakSettings())
+        else:
+            fit_store(url, FitConfig())
+    fitted_group(AttributionStore.open(url, "r"), source)  # a one-line error unless complete
+    _write_json(out / "store.json", {"url": url, "source": source})
+
+
+def forget_stage(config: dict, out: Path, inputs: dict) -> None:
+    data = _data(config)
+    fit = fitted_group(_store(inputs), config["source"]) if "attribution" in inputs else None
+    np.save(out / "ids.npy", resolve_forget_set(config["spec"], data, fit))
+
+
+def population_stage(config: dict, out: Path, inputs: dict) -> None:
+    data = _data(config)
+    recipe = Recipe.from_dict(config["recipe"])
+    masks = np.ones((len(config["seeds"]), data.n_train), dtype=bool)
+    if "forget" in inputs:
+        masks[:, np.load(inputs["forget"] / "ids.npy")] = False
+    start = time.perf_counter()
+    result = train_batched(config["model"], data, recipe, config["seeds"], masks)
+    timing = {"seconds_per_model": (time.perf_counter() - start) / len(config["seeds"])}
+    if config.get("time_one_retrain"):
+        start = time.perf_counter()
+        train_model(config["model"], data, recipe, config["seeds"][0], masks[0])
+        timing["retrain_one_s"] = time.perf_counter() - start
+    np.save(out / "logits.npy", result.logits.numpy().astype(np.float32))
+    _save_states(out / "states.safetensors", result.state)
+    _write_json(out / "timing.json", timing)
+
+
+def method_stage(config: dict, out: Path, inputs: dict) -> None:
+    data = _data(config)
+    oracle_mean = np.load(inputs["floor"] / "logits.npy").mean(axis=0) if "floor" in inputs else None
+    logits, states, seconds = apply_method(
+        config["method"], config["params"], config["model"], data, load_states(inputs["originals"]),
+        np.load(inputs["originals"] / "logits.npy"), np.load(inputs["forget"] / "ids.npy"),
+        store=_store(inputs) if "attribution" in inputs else None, attribution=config["source"],
+        oracle_mean_logits=oracle_mean)
+    np.save(out / "logits.npy", logits)
+    _save_states(out / "states.safetensors", states)
+    _write_json(out / "timing.json", {"seconds_per_model": float(np.mean(seconds)), "seconds": seconds.tolist()})
+
+
+def groups_of(forget: np.ndarray, n_train: int, n_points: int) -> dict[str, np.ndarray]:
+    """Point indices of the three KLoM groups: forget F, retain S∖F, held-out."""
+    return {"forget": forget, "retain": np.setdiff1d(np.arange(n_train), forget),
+            "heldout": np.arange(n_train, n_points)}
+
+
+def _accuracies(logits: np.ndarray, labels: np.ndarray, groups: dict) -> dict[str, float]:
+    correct = logits.argmax(-1) == labels  # (N, P)
+    return {name: float(correct[:, idx].mean()) for name, idx in groups.items()}
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _relearn(config: dict, data: Dataset, states, original_logits: np.ndarray, forget: np.ndarray) -> dict:
+    m = config["metrics"]
+    count = min(m["relearn_models"], original_logits.shape[0])
+    if states is None or count == 0:
+        return {"relearn_steps": None, "relearn_never": None}
+    labels = data.y_train[forget]
+    steps = []
+    for i in range(count):
+        model = load_model_from_state(config["model"], data, {k: v[i] for k, v in states.items()})
+        target = float((original_logits[i, forget].argmax(-1) == labels.numpy()).mean())
+        steps.append(relearn_steps(model, data.x_train[forget], labels, target, lr=m["relearn_lr"],
+                                   batch_size=m["relearn_batch_size"], max_steps=m["relearn_max_steps"], seed=i))
+    steps = np.asarray(steps)
+    return {"relearn_steps": float(np.mean(steps)), "relearn_never": int((steps > m["relearn_max_steps"]).sum())}
+
+
+def _distances(states, original_states) -> dict:
+    if states is None:
+        return {"weight_distance": None, "layer_distance": None}
+    per_model = [layer_distances({k: v[i] for k, v in states.items()}, {k: v[i] for k, v in original_states.items()})
+                 for i in range(next(iter(states.values())).shape[0])]
+    mean = {name: float(np.mean([d[name] for d in per_model])) for name in per_model[0]}
+    return {"weight_distance": mean[TOTAL], "layer_distance": mean}
+
+
+def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
+    """KLoM of the population against the oracles and the literature's other metrics (issue 12 §3–4)."""
+    data = _data(config)
+    m = config["metrics"]
+    labels = data.all_labels().numpy()
+    forget = np.load(inputs["forget"] / "ids.npy")
+    groups = groups_of(forget, data.n_train, data.n_points)
+    logits = np.load(inputs["population"] / "logits.npy")
+    oracle_logits = np.load(inputs["oracles"] / "logits.npy")
+    original_logits = np.load(inputs["originals"] / "logits.npy")
+    pop_margins = margins(torch.from_numpy(logits), torch.from_numpy(labels)).numpy().astype(np.float32)
+    oracle_margins = margins(torch.from_numpy(oracle_logits), torch.from_numpy(labels)).numpy()
+    values = klom(oracle_margins, pop_margins, direction=m["klom_direction"])
+    acc, acc_oracle = _accuracies(logits, labels, groups), _accuracies(oracle_logits, labels, groups)
+    mia_models = range(min(m["mia_models"], logits.shape[0]))
+    states = load_states(inputs["population"])
+    timing = read_json(inputs["population"] / "timing.json")
+    retrain_s = read_json(inputs["floor"] / "timing.json")["retrain_one_s"]
+    seconds = retrain_s if config["method"] == "retrain" else timing["seconds_per_model"]
+    result = {
+        "method": config["method"], "klom_direction": m["klom_direction"],
+        "klom": klom_summary(values, groups),
+        "accuracy": acc, "accuracy_oracle": acc_oracle,
+        "accuracy_gap": {g: acc[g] - acc_oracle[g] for g in groups},
+        "mia_svc": _mean_or_none([mia_svc(logits[i], labels, groups, seed=i) for i in mia_models]),
+        "mia_entropy": _mean_or_none([mia_entropy(logits[i], labels, groups, seed=i) for i in mia_models]),
+        "ulira_auc": ulira_auc(pop_margins[:, forget], oracle_margins[:, forget], seed=config["seed"]),
+        **_relearn(config, data, states, original_logits, forget),
+        **_distances(states, load_states(inputs["originals"])),
+        "seconds": seconds, "retrain_seconds": retrain_s, "cost_vs_retrain": seconds / retrain_s,
+    }
+    np.save(out / "klom.npy", values.astype(np.float32))
+    np.save(out / "margins.npy", pop_margins)
+    _write_json(out / "metrics.json", result)
+
+
+STAGE_FUNCTIONS = {"attribution": attribution_stage, "forget": forget_stage, "population": population_stage,
+                   "method": method_stage, "metrics": metrics_stage}

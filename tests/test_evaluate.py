@@ -1,0 +1,167 @@
+"""`dmm evaluate`: the spec, the DAG's stages and caching, the report, and the invariants of the populations."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from fixtures_store import MODEL, digits_store
+
+from attribution.engine import train_batched
+from attribution.evaluation import margins
+from attribution.store import AttributionStore
+from cluster import eval_stages
+from cluster.eval_methods import MethodConfigError
+from cluster.eval_spec import SpecError, spec_from_dict
+from cluster.evaluate import run_evaluation
+from matching.klom import klom
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SETS = ["random:10:0", "class:3:10", "pc:1:10:top"]
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    return digits_store(tmp_path_factory.getbasetemp() / "digits-store")
+
+
+def raw_spec(fixture, **changes):
+    return {"dataset": fixture.data.name, "models": 4, "attribution": {"store": fixture.url},
+            "forget_sets": SETS, "methods": {"nothing": {}, "dm-direct": {}, "dmm": {"epochs": 2}},
+            "metrics": {"relearn_models": 2, "mia_models": 2, "relearn_max_steps": 20}, **changes}
+
+
+@pytest.fixture(scope="module")
+def evaluated(fixture, ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    return out, run_evaluation(spec_from_dict(raw_spec(fixture)), out, progress=False)
+
+
+def test_the_report_has_every_row_column_and_file(evaluated, fixture):
+    out, result = evaluated
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["forget_set"], r["method"]) for r in rows] == [
+        (fs, m) for fs in SETS for m in ("nothing", "dm-direct", "dmm", "retrain")]
+    for column in ("klom95_forget", "klom95_retain", "klom95_heldout", "acc_forget", "acc_retain", "acc_heldout",
+                   "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "seconds", "cost_vs_retrain"):
+        assert column in rows[0]
+    assert json.loads((out / "results.json").read_text())["klom_direction"] == "oracle||unlearned"
+    data = fixture.data
+    for fs in ("random_10_0", "class_3_10", "pc_1_10_top"):
+        folder = out / "margins" / fs
+        for name in ("nothing", "dm-direct", "dmm", "oracle", "floor"):
+            assert np.load(folder / f"{name}.npy").shape == (4, data.n_points)
+        groups = {k: np.asarray(v) for k, v in json.loads((folder / "groups.json").read_text()).items()}
+        assert len(groups["forget"]) == 10 and not set(groups["forget"]) & set(groups["retain"])
+        assert np.array_equal(np.sort(np.concatenate([groups["forget"], groups["retain"]])), np.arange(data.n_train))
+        assert np.array_equal(groups["heldout"], np.arange(data.n_train, data.n_points))
+    class_set = json.loads((out / "margins" / "class_3_10" / "groups.json").read_text())["forget"]
+    assert set(data.y_train[class_set].tolist()) == {3}
+    for png in ("klom_per_group.png", "klom_vs_cost.png", "margin_histograms.png"):
+        assert (out / png).stat().st_size > 10_000
+    assert all(f"`{fs}`" in (out / "report.md").read_text() for fs in SETS)
+
+
+def test_klom_in_the_report_recomputes_from_the_saved_margins(evaluated):
+    out, result = evaluated
+    folder = out / "margins" / "random_10_0"
+    forget = np.asarray(json.loads((folder / "groups.json").read_text())["forget"])
+    oracle = np.load(folder / "oracle.npy")
+    rows = {r["method"]: r for r in result["rows"] if r["forget_set"] == "random:10:0"}
+    for method, file in (("retrain", "floor"), ("dmm", "dmm"), ("nothing", "nothing")):
+        values = klom(oracle, np.load(folder / f"{file}.npy"))
+        assert rows[method]["klom95_forget"] == pytest.approx(np.percentile(values[forget], 95), rel=1e-6)
+
+
+def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):
+    """`nothing` = originals with seeds 0..N−1 and the store's recipe; DM-Direct = their logits − Σ_{i∈F} β_i."""
+    out, _ = evaluated
+    data = fixture.data
+    folder = out / "margins" / "random_10_0"
+    forget = np.asarray(json.loads((folder / "groups.json").read_text())["forget"])
+    originals = train_batched(MODEL, data, fixture.recipe, [0, 1, 2, 3], np.ones((4, data.n_train), bool)).logits
+    labels = data.all_labels()
+    np.testing.assert_allclose(np.load(folder / "nothing.npy"), margins(originals, labels).numpy(), atol=1e-4)
+    beta = np.asarray(AttributionStore.open(fixture.url).fit_group("datamodels").weight[:], dtype=np.float64)
+    direct = originals.numpy() - beta[forget].sum(axis=0)[None]
+    np.testing.assert_allclose(np.load(folder / "dm-direct.npy"), margins(torch.from_numpy(direct), labels).numpy(),
+                               atol=1e-3)
+    rows = {r["method"]: r for r in evaluated[1]["rows"] if r["forget_set"] == "random:10:0"}
+    assert rows["nothing"]["weight_distance"] == 0 and rows["nothing"]["seconds"] == 0
+    assert rows["nothing"]["relearn_steps"] == 0 and rows["retrain"]["cost_vs_retrain"] == 1
+    assert rows["dm-direct"]["relearn_steps"] is None and rows["dmm"]["weight_distance"] > 0
+
+
+def test_a_rerun_computes_nothing_and_a_new_method_only_its_stages(evaluated, fixture):
+    out, first = evaluated
+    again = run_evaluation(spec_from_dict(raw_spec(fixture)), out, progress=False)
+    assert again["cached"] == again["stages"] == first["stages"]
+    methods = {"nothing": {}, "dm-direct": {}, "dmm": {"epochs": 2}, "om": {}}
+    grown = run_evaluation(spec_from_dict(raw_spec(fixture, methods=methods)), out, progress=False)
+    assert grown["stages"] - grown["cached"] == 2 * len(SETS)  # om's method and metrics stages per forget set
+    assert sum(r["method"] == "om" for r in grown["rows"]) == len(SETS)
+
+
+def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):
+    seen = []
+    real = eval_stages.train_batched
+
+    def spy(model, data, recipe, seeds, masks, *args, **kwargs):
+        seen.append(np.asarray(masks).copy())
+        return real(model, data, recipe, seeds, masks, *args, **kwargs)
+
+    monkeypatch.setattr(eval_stages, "train_batched", spy)
+    monkeypatch.setattr(eval_stages, "train_model", lambda model, data, recipe, seed, mask: seen.append(mask[None]))
+    forget = np.array([3, 17, 150])
+    (tmp_path / "forget").mkdir()
+    np.save(tmp_path / "forget" / "ids.npy", forget)
+    data = fixture.data
+    config = {"dataset": data.name, "fingerprint": data.fingerprint, "model": MODEL,
+              "recipe": fixture.recipe.to_dict(), "seeds": [5, 6], "time_one_retrain": True}
+    (tmp_path / "out").mkdir()
+    eval_stages.population_stage(config, tmp_path / "out", {"forget": tmp_path / "forget"})
+    assert len(seen) == 2  # the batched oracles and the one timed retrain
+    for masks in seen:
+        assert not masks[:, forget].any() and masks.sum(axis=1).tolist() == [data.n_train - 3] * len(masks)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"colour": 1}, SpecError, "unknown key 'colour'; valid keys: dataset"),
+    ({"models": 1}, SpecError, "give N >= 2"),
+    ({"forget_sets": ["random:5"]}, Exception, "unknown forget set 'random:5'; use one of random:SIZE:SEED"),
+    ({"methods": {"forgetful": {}}}, SpecError, "unknown method 'forgetful'; valid methods: nothing, retrain"),
+    ({"methods": {"dmm": {"epoch": 3}}}, MethodConfigError, "no hyperparameter 'epoch'; valid: epochs"),
+    ({"methods": {"dmm": {"lr": "fast"}}}, MethodConfigError, "lr is 'fast'; give a float"),
+    ({"methods": {"nothing": {"lr": 1.0}}}, MethodConfigError, "takes no hyperparameters"),
+    ({"metrics": {"klom_direction": "sideways"}}, SpecError, "use one of oracle||unlearned, unlearned||oracle"),
+    ({"attribution": {"alpha": 0.5}}, SpecError, "needs `store`"),
+])
+def test_bad_specs_get_one_line_errors_naming_the_valid_values(fixture, change, error, match):
+    with pytest.raises(error, match=match.replace("|", r"\|").replace("(", r"\(")):
+        spec_from_dict(raw_spec(fixture, **change))
+
+
+def test_the_cli_refuses_a_bad_spec_in_one_line_and_writes_nothing(run_dmm, fixture, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw_spec(fixture, methods={"dmm": {"epoch": 3}})))
+    result = run_dmm(["evaluate", "--config", spec, "--out", tmp_path / "out"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("dmm: error: method dmm has no hyperparameter 'epoch'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_factory_named_by_the_spec_needs_consent(tmp_path):
+    import sys
+
+    from attribution.models import ModelError
+
+    spec = spec_from_dict({"dataset": "digits", "model": "evil_factory_module:make", "recipe": "digits-mlp",
+                           "attribution": {"store": str(tmp_path / "s.zarr"), "num_models": 64},
+                           "forget_sets": ["random:5:0"], "methods": {"nothing": {}}})
+    with pytest.raises(ModelError, match="evil_factory_module.*--trust-code"):
+        run_evaluation(spec, tmp_path / "out", progress=False)
+    assert "evil_factory_module" not in sys.modules and not (tmp_path / "s.zarr").exists()

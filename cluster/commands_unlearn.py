@@ -17,8 +17,9 @@ from .commands_model import add_device_arg, add_trust_code_arg
 
 def unlearn_cmd(args) -> int:
     device = resolve_device(args.device)
-    config = MatchingConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, lr_decay=args.lr_decay,
-                            retain_ratio=args.retain_ratio, seed=args.seed)
+    config = MatchingConfig(lr=args.lr, batch_size=args.batch_size, lr_decay=args.lr_decay,
+                            retain_ratio=args.retain_ratio, min_steps=args.min_steps, max_steps=args.max_steps,
+                            tol=args.tol, patience=args.patience, seed=args.seed)
     result = unlearn_request(args.store, args.model, args.forget, method=args.method, out=args.out,
                              attribution=args.attribution, config=config, oracles=args.oracles or (),
                              lock_timeout=args.lock_timeout, trust_code=args.trust_code, device=str(device))
@@ -50,12 +51,16 @@ def register(sub) -> None:
     p.add_argument("--attribution", default="datamodels", choices=FIT_PREFIXES,
                    help="fit group DMM's targets come from (default datamodels)")
     p.add_argument("--oracles", nargs="+", metavar="PATH", help="OM only: model files trained on S∖F")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr-decay", type=float, default=defaults.lr_decay, help="lr factor per epoch")
     p.add_argument("--retain-ratio", type=float, default=defaults.retain_ratio,
                    help="r: match on F plus r·|F| random retain points")
+    p.add_argument("--min-steps", type=int, default=defaults.min_steps, help="optimiser steps at least")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimiser steps at most")
+    p.add_argument("--tol", type=float, default=defaults.tol,
+                   help="converged when the best matching loss fell by < tol × its start over --patience epochs")
+    p.add_argument("--patience", type=int, default=defaults.patience, help="epochs of the convergence window")
     p.add_argument("--seed", type=int, default=defaults.seed, help="draws the retain points and batch order")
     p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
                    help="seconds to wait for another request on the same store")

@@ -31,6 +31,11 @@ class MethodConfigError(DmmError):
     """Hyperparameters a method does not have, or values it cannot take."""
 
 
+def base_method(name: str) -> str:
+    """The method a spec entry runs: `dmm@fast` is a variant of `dmm` (own hyperparameters, own report row)."""
+    return name.partition("@")[0]
+
+
 def method_needs(name: str) -> frozenset[str]:
     """Inputs of method `name` beyond the originals and F: "store" (β), "oracles" (OM's targets)."""
     if name == "dm-direct":
@@ -71,19 +76,20 @@ def apply_method(name: str, params: dict, model_name: str, data: Dataset, states
                  original_logits: np.ndarray, forget_ids: np.ndarray, store=None, attribution: str = "datamodels",
                  oracle_mean_logits: np.ndarray | None = None):
     """Run method `name` on every original (stacked `states`, (N, …)); returns (logits (N, P, k) float32,
-    stacked states or None when the method makes no model, seconds per model). Request n draws its
-    random choices (R, minibatch order) from the method's seed + n."""
+    stacked states or None when the method makes no model, seconds per model, the method's stats per
+    model). Request n draws its random choices (R, minibatch order) from the method's seed + n."""
     n_models = original_logits.shape[0]
+    no_gradients = [{"sample_grads": 0}] * n_models
     if name == "nothing":
-        return original_logits, states, np.zeros(n_models)
+        return original_logits, states, np.zeros(n_models), no_gradients
     if name == "dm-direct":
         start = time.perf_counter()
         effect = forget_effect(fitted_group(store, attribution), forget_ids).astype(np.float32)
         seconds = time.perf_counter() - start
-        return (original_logits - effect[None]).astype(np.float32), None, np.full(n_models, seconds)
+        return (original_logits - effect[None]).astype(np.float32), None, np.full(n_models, seconds), no_gradients
     method, config = METHODS[name], METHOD_CONFIGS[name](**params)
     x = data.all_inputs()
-    logits, new_states, seconds = [], [], []
+    logits, new_states, seconds, stats = [], [], [], []
     for n in range(n_models):
         model = load_model_from_state(model_name, data, {k: v[n] for k, v in states.items()})
         task = UnlearnTask(model=model, data=data, forget_ids=forget_ids, store=store,
@@ -93,7 +99,8 @@ def apply_method(name: str, params: dict, model_name: str, data: Dataset, states
         start = time.perf_counter()
         unlearned = method(task)
         seconds.append(time.perf_counter() - start)
-        logits.append(model_logits(unlearned, x).numpy())
-        new_states.append({k: v.detach().clone() for k, v in unlearned.state_dict().items()})
+        logits.append(model_logits(unlearned.model, x).numpy())
+        new_states.append({k: v.detach().clone() for k, v in unlearned.model.state_dict().items()})
+        stats.append(unlearned.stats)
     stacked = {k: torch.stack([s[k] for s in new_states]) for k in new_states[0]}
-    return np.stack(logits).astype(np.float32), stacked, np.asarray(seconds)
+    return np.stack(logits).astype(np.float32), stacked, np.asarray(seconds), stats

@@ -16,7 +16,7 @@ import numpy as np
 COLUMNS = ("forget_set", "method", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
            "klom50_retain", "klom50_heldout", "acc_forget", "acc_retain", "acc_heldout", "gap_forget",
            "gap_retain", "gap_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps",
-           "weight_distance", "seconds", "cost_vs_retrain")
+           "weight_distance", "seconds", "cost_vs_retrain", "sample_grads", "grads_vs_retrain", "steps")
 GROUPS = ("forget", "retain", "heldout")
 
 
@@ -35,8 +35,9 @@ def result_row(forget_set: str, metrics: dict) -> dict:
         row[f"acc_{g}"] = metrics["accuracy"][g]
         row[f"gap_{g}"] = metrics["accuracy_gap"][g]
     for key in ("mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "weight_distance", "seconds",
-                "cost_vs_retrain"):
+                "cost_vs_retrain", "sample_grads", "grads_vs_retrain"):
         row[key] = metrics[key]
+    row["steps"] = (metrics.get("matching") or {}).get("steps")
     return row
 
 
@@ -61,12 +62,14 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
     (out / "results.json").write_text(json.dumps({"klom_direction": direction, "models": n_models, "rows": rows},
                                                  indent=1))
     main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "acc_forget", "acc_retain",
-            "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "cost_vs_retrain")
+            "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps", "cost_vs_retrain",
+            "grads_vs_retrain")
     parts = [f"# Unlearning evaluation\n\nKLoM = binned KL between margin distributions over N = {n_models} "
              f"models per population, direction KL({direction.replace('||', ' ‖ ')}); columns klom95_* are "
              "the 95th percentile over the points of each group. `retrain` is a second, independent set of "
              "oracles: its KLoM is the noise floor. mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
-             "indistinguishable from retraining; cost_vs_retrain = seconds per model / one retrain.\n"]
+             "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; cost_vs_retrain = "
+             "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's.\n"]
     for fs in dict.fromkeys(r["forget_set"] for r in rows):
         parts.append(f"\n## Forget set `{fs}`\n\n" + markdown_table([r for r in rows if r["forget_set"] == fs], main))
     parts.append("\n![KLoM per group](klom_per_group.png)\n\n![KLoM vs cost](klom_vs_cost.png)\n\n"

@@ -19,7 +19,7 @@ methods:                   # name: hyperparameters (the fields of its config cla
   retrain: {}
   dm-direct: {}
   dmm: {}
-  om: {}
+  om: {}                   # METHOD@LABEL runs METHOD again with other hyperparameters, e.g. dmm@slow: {lr: 1.0e-3}
 metrics:
   klom_direction: oracle||unlearned   # KL(p‖q), p first; or unlearned||oracle
   relearn_models: 10                  # models per method whose relearn time is measured
@@ -39,7 +39,7 @@ import yaml
 from attribution.errors import DmmError
 from matching.forget_sets import parse_forget_set
 
-from .eval_methods import EVAL_METHODS, method_config
+from .eval_methods import EVAL_METHODS, base_method, method_config
 
 KLOM_DIRECTIONS = ("oracle||unlearned", "unlearned||oracle")
 ATTRIBUTION_SOURCES = ("datamodels", "trak")
@@ -156,9 +156,10 @@ def spec_from_dict(raw: dict, base: Path = Path(".")) -> ExperimentSpec:
         raise SpecError(f"`methods` must map method names to hyperparameters; valid methods: {', '.join(EVAL_METHODS)}")
     checked = {}
     for name, params in methods.items():
-        if name not in EVAL_METHODS:
-            raise SpecError(f"unknown method {name!r}; valid methods: {', '.join(EVAL_METHODS)}")
-        checked[name] = method_config(name, params or {})
+        if base_method(name) not in EVAL_METHODS:
+            raise SpecError(f"unknown method {name!r}; valid methods: {', '.join(EVAL_METHODS)} "
+                            "(a variant is METHOD@LABEL, e.g. dmm@lr1e-2)")
+        checked[name] = method_config(base_method(name), params or {})
     recipe = raw.get("recipe")
     if recipe is not None and Path(recipe).suffix in (".json", ".yaml", ".yml"):
         recipe = _resolve(recipe, base)

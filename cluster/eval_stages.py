@@ -97,7 +97,8 @@ def population_stage(config: dict, out: Path, inputs: dict) -> None:
         masks[:, np.load(inputs["forget"] / "ids.npy")] = False
     start = time.perf_counter()
     result = train_batched(config["model"], data, recipe, config["seeds"], masks)
-    timing = {"seconds_per_model": (time.perf_counter() - start) / len(config["seeds"])}
+    timing = {"seconds_per_model": (time.perf_counter() - start) / len(config["seeds"]),
+              "sample_grads_per_model": float(recipe.epochs * masks.sum(axis=1).mean())}
     if config.get("time_one_retrain"):
         start = time.perf_counter()
         train_model(config["model"], data, recipe, config["seeds"][0], masks[0])
@@ -110,14 +111,21 @@ def population_stage(config: dict, out: Path, inputs: dict) -> None:
 def method_stage(config: dict, out: Path, inputs: dict) -> None:
     data = _data(config)
     oracle_mean = np.load(inputs["floor"] / "logits.npy").mean(axis=0) if "floor" in inputs else None
-    logits, states, seconds = apply_method(
+    logits, states, seconds, stats = apply_method(
         config["method"], config["params"], config["model"], data, load_states(inputs["originals"]),
         np.load(inputs["originals"] / "logits.npy"), np.load(inputs["forget"] / "ids.npy"),
         store=_store(inputs) if "attribution" in inputs else None, attribution=config["source"],
         oracle_mean_logits=oracle_mean)
     np.save(out / "logits.npy", logits)
     _save_states(out / "states.safetensors", states)
-    _write_json(out / "timing.json", {"seconds_per_model": float(np.mean(seconds)), "seconds": seconds.tolist()})
+    _write_json(out / "timing.json", {"seconds_per_model": float(np.mean(seconds)), "seconds": seconds.tolist(),
+                                      **mean_stats(stats)})
+
+
+def mean_stats(stats: list[dict]) -> dict:
+    """Per-model means of the numeric stats methods report (steps, sample_grads, loss_start, loss_end)."""
+    keys = [k for k in stats[0] if all(isinstance(s.get(k), (int, float)) for s in stats)]
+    return {f"{k}_per_model" if k == "sample_grads" else k: float(np.mean([s[k] for s in stats])) for k in keys}
 
 
 def groups_of(forget: np.ndarray, n_train: int, n_points: int) -> dict[str, np.ndarray]:
@@ -177,8 +185,10 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
     mia_models = range(min(m["mia_models"], logits.shape[0]))
     states = load_states(inputs["population"])
     timing = read_json(inputs["population"] / "timing.json")
-    retrain_s = read_json(inputs["floor"] / "timing.json")["retrain_one_s"]
+    floor_timing = read_json(inputs["floor"] / "timing.json")
+    retrain_s, retrain_grads = floor_timing["retrain_one_s"], floor_timing["sample_grads_per_model"]
     seconds = retrain_s if config["method"] == "retrain" else timing["seconds_per_model"]
+    grads = timing.get("sample_grads_per_model", 0.0)
     result = {
         "method": config["method"], "klom_direction": m["klom_direction"],
         "klom": klom_summary(values, groups),
@@ -190,6 +200,8 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
         **_relearn(config, data, states, original_logits, forget),
         **_distances(states, load_states(inputs["originals"])),
         "seconds": seconds, "retrain_seconds": retrain_s, "cost_vs_retrain": seconds / retrain_s,
+        "sample_grads": grads, "grads_vs_retrain": grads / retrain_grads,
+        "matching": {k: timing[k] for k in ("loss_start", "loss_end", "steps") if k in timing} or None,
     }
     np.save(out / "klom.npy", values.astype(np.float32))
     np.save(out / "margins.npy", pop_margins)

@@ -30,7 +30,7 @@ from attribution.recipes import Recipe, resolve_recipe
 from attribution.store import AttributionStore
 
 from .dag import Stage, is_done, run_dag, stage_paths
-from .eval_methods import method_needs
+from .eval_methods import base_method, method_needs
 from .eval_plots import plot_klom_per_group, plot_klom_vs_cost, plot_margin_histograms
 from .eval_report import result_row, write_margins, write_tables
 from .eval_spec import ExperimentSpec
@@ -38,6 +38,7 @@ from .eval_stages import STAGE_FUNCTIONS, groups_of, read_json
 from .ray_runtime import connect
 
 ORACLE_SEED_OFFSET, FLOOR_SEED_OFFSET = 1_000_000, 2_000_000
+STAGE_FORMAT = 2  # part of every stage's key: bump it when a stage function writes other files or fields
 HISTOGRAM_POINTS = 3
 
 
@@ -95,7 +96,8 @@ def experiment_stages(spec: ExperimentSpec, out: Path, trust_code: bool = False)
     data = load_dataset(spec.dataset)
     attribution = _attribution_config(spec, out, data)
     require_consent(attribution["model"], "the experiment spec or its store", trust_code)
-    base = {"dataset": data.name, "fingerprint": data.fingerprint, "model": attribution["model"]}
+    base = {"dataset": data.name, "fingerprint": data.fingerprint, "model": attribution["model"],
+            "format": STAGE_FORMAT}
     train = {**base, "recipe": attribution["recipe"]}
     n = spec.models
     stages = [Stage("attribution", "attribution", attribution, num_cpus=0),
@@ -120,13 +122,13 @@ def experiment_stages(spec: ExperimentSpec, out: Path, trust_code: bool = False)
                 population = f"floor[{fs}]"
             else:
                 population = f"method[{fs}][{method}]"
-                needs = method_needs(method)
+                needs = method_needs(base_method(method))
                 parents = {"originals": "originals", "forget": f"forget[{fs}]"}
                 if "store" in needs:
                     parents["attribution"] = "attribution"
                 if "oracles" in needs:
                     parents["floor"] = f"floor[{fs}]"
-                stages.append(Stage(population, "method", {**base, "method": method, "params": params,
+                stages.append(Stage(population, "method", {**base, "method": base_method(method), "params": params,
                                                            "source": spec.attribution.source}, parents))
             name = f"metrics[{fs}][{method}]"
             stages.append(Stage(name, "metrics", {**base, "method": method, "seed": spec.seed,

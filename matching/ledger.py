@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -45,6 +45,8 @@ class LedgerEntry:
     seed: int               # drew the retain sample R and the minibatch order
     config: dict            # the full matching config
     wall_s: float           # wall time of the request
+    stats: dict = field(default_factory=dict)  # the method's report (DMM: loss_start, loss_end, steps, …);
+                                               # absent from entries written before it existed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -58,7 +60,8 @@ def ids_sha256(ids: np.ndarray) -> str:
 def _parse(text: str, position: int, url: str) -> LedgerEntry:
     try:
         raw = json.loads(text)
-        return LedgerEntry(**{f.name: raw[f.name] for f in fields(LedgerEntry)})
+        optional = {"stats"}
+        return LedgerEntry(**{f.name: raw[f.name] for f in fields(LedgerEntry) if f.name in raw or f.name not in optional})
     except (ValueError, KeyError, TypeError):
         raise MatchingError(f"ledger entry {position + 1} in {url} is malformed; restore the store from a copy") from None
 
@@ -119,13 +122,20 @@ def store_lock(store: AttributionStore, timeout: float):
         lock.release()
 
 
+def _stat(entry: LedgerEntry, key: str) -> str:
+    value = entry.stats.get(key)
+    return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def format_ledger(entries: list[LedgerEntry]) -> str:
     """The history as a table, one request per line."""
     if not entries:
         return "no deletion requests recorded"
     head = f"{'id':>3}  {'time (UTC)':<25} {'method':<6} {'attr':<10} {'ids':>6} {'total':>6}  " \
-           f"{'ids sha256':<12}  {'input':<12}  {'output':<12} {'wall s':>7}  output path"
+           f"{'ids sha256':<12}  {'input':<12}  {'output':<12} {'wall s':>7} {'loss start':>10} {'loss end':>10} " \
+           f"{'steps':>6}  output path"
     rows = [f"{e.id:>3}  {e.time_utc:<25} {e.method:<6} {e.attribution:<10} {e.n_ids:>6} {e.n_forgotten:>6}  "
-            f"{e.ids_sha256[:12]}  {e.input_sha256[:12]}  {e.output_sha256[:12]} {e.wall_s:>7.2f}  {e.output_path}"
+            f"{e.ids_sha256[:12]}  {e.input_sha256[:12]}  {e.output_sha256[:12]} {e.wall_s:>7.2f} "
+            f"{_stat(e, 'loss_start'):>10} {_stat(e, 'loss_end'):>10} {_stat(e, 'steps'):>6}  {e.output_path}"
             for e in entries]
     return "\n".join([head, *rows])

@@ -1,6 +1,6 @@
 """Unlearning methods: one interface (model, data, F → model), one registry.
 
-A method receives an `UnlearnTask` and returns the unlearned model; it must not write anything
+A method receives an `UnlearnTask` and returns `Unlearned` (the model and its run's stats); it must not write anything
 (the request writes the model and the ledger once the method has returned). DMM and OM are here;
 baselines (DESIGN.md §5) register themselves the same way with `@register_method("name")`.
 """
@@ -39,7 +39,15 @@ class UnlearnTask:
     trust_code: bool = False      # consent to import a module:callable model that the oracle files name
 
 
-UnlearnMethod = Callable[[UnlearnTask], nn.Module]
+@dataclass(frozen=True)
+class Unlearned:
+    """A method's result: the unlearned model and what the method reports of its run (recorded in the ledger),
+    e.g. DMM's `MatchingStats`: loss_start, loss_end, steps, epochs, sample_grads."""
+    model: nn.Module
+    stats: dict = field(default_factory=dict)
+
+
+UnlearnMethod = Callable[[UnlearnTask], Unlearned]
 METHODS: dict[str, UnlearnMethod] = {}
 METHOD_CONFIGS: dict[str, type] = {}  # name -> hyperparameter dataclass (defaults, validation)
 METHOD_NEEDS: dict[str, frozenset[str]] = {}  # name -> inputs beyond (model, data, F): "store", "oracles"
@@ -61,14 +69,15 @@ def get_method(name: str) -> UnlearnMethod:
     return METHODS[name]
 
 
-def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> nn.Module:
+def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlearned:
     """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R."""
     points = matching_points(task.forget_ids, task.data.n_train, task.config.retain_ratio, task.config.seed)
-    return match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
+    model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
+    return Unlearned(model, stats.to_dict())
 
 
 @register_method("dmm", needs=("store",))
-def datamodel_matching(task: UnlearnTask) -> nn.Module:
+def datamodel_matching(task: UnlearnTask) -> Unlearned:
     """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:}."""
     if task.oracles:
         raise MatchingError("--oracles is for --method om; drop it for dmm")
@@ -96,6 +105,6 @@ def oracle_logits(task: UnlearnTask) -> np.ndarray:
 
 
 @register_method("om", needs=("oracles",))
-def oracle_matching(task: UnlearnTask) -> nn.Module:
+def oracle_matching(task: UnlearnTask) -> Unlearned:
     """OM: match the mean logits of real oracles (the ablation with exact targets)."""
     return match_on_forget_and_retain(task, oracle_logits(task))

@@ -46,6 +46,7 @@ class RequestResult:
     forgotten_ids: np.ndarray    # every id forgotten so far
     message: str
     method_s: float = 0.0        # wall time inside the method (for DMM: DM-Direct targets + fine-tuning)
+    stats: dict | None = None    # the method's report of its run (DMM: matching loss at start and end, steps)
 
 
 def _store_url(store: str | os.PathLike | AttributionStore) -> str:
@@ -111,13 +112,13 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
         out_meta = {**meta, "unlearned": {"store": store.url, "request": request_id, "method": method,
                                           "attribution": attribution, "n_forgotten": int(union.size)}}
         written = [ORIGINAL_PREFIX, LEDGER_PREFIX] if first else [LEDGER_PREFIX]
-        with all_or_nothing(store, written, out, unlearned.state_dict(), out_meta) as output_sha256:
+        with all_or_nothing(store, written, out, unlearned.model.state_dict(), out_meta) as output_sha256:
             entry = LedgerEntry(
                 id=request_id, time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), method=method,
                 attribution=attribution, n_ids=int(ids.size), ids_sha256=ids_sha256(ids), ids=ids.tolist(),
                 n_forgotten=int(union.size), input_sha256=model_sha, output_sha256=output_sha256,
                 output_path=str(out.resolve()), seed=config.seed, config=config.to_dict(),
-                wall_s=round(time.perf_counter() - start, 4))
+                wall_s=round(time.perf_counter() - start, 4), stats=unlearned.stats)
             still_held()
             if first:
                 store.write_original_logits(original, model_sha)
@@ -125,5 +126,12 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
     already = ids.size - new_ids.size
     message = (f"request {request_id}: {method} forgot {new_ids.size} new ids"
                + (f" ({already} already forgotten)" if already else "")
-               + f", {union.size} in all, in {entry.wall_s:.2f} s -> {out}")
-    return RequestResult(entry, new_ids, union, message, method_s)
+               + f", {union.size} in all, in {entry.wall_s:.2f} s" + _stats_text(unlearned.stats) + f" -> {out}")
+    return RequestResult(entry, new_ids, union, message, method_s, unlearned.stats)
+
+
+def _stats_text(stats: dict) -> str:
+    """`; matching loss 1.23 -> 0.0456 in 300 steps` for methods that report a matching loss."""
+    if "loss_start" not in stats:
+        return ""
+    return f"; matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps"

@@ -30,7 +30,7 @@ def fixture(tmp_path_factory):
 
 def raw_spec(fixture, **changes):
     return {"dataset": fixture.data.name, "models": 4, "attribution": {"store": fixture.url},
-            "forget_sets": SETS, "methods": {"nothing": {}, "dm-direct": {}, "dmm": {"epochs": 2}},
+            "forget_sets": SETS, "methods": {"nothing": {}, "dm-direct": {}, "dmm": {"min_steps": 10, "max_steps": 30}},
             "metrics": {"relearn_models": 2, "mia_models": 2, "relearn_max_steps": 20}, **changes}
 
 
@@ -100,7 +100,7 @@ def test_a_rerun_computes_nothing_and_a_new_method_only_its_stages(evaluated, fi
     out, first = evaluated
     again = run_evaluation(spec_from_dict(raw_spec(fixture)), out, progress=False)
     assert again["cached"] == again["stages"] == first["stages"]
-    methods = {"nothing": {}, "dm-direct": {}, "dmm": {"epochs": 2}, "om": {}}
+    methods = {"nothing": {}, "dm-direct": {}, "dmm": {"min_steps": 10, "max_steps": 30}, "om": {}}
     grown = run_evaluation(spec_from_dict(raw_spec(fixture, methods=methods)), out, progress=False)
     assert grown["stages"] - grown["cached"] == 2 * len(SETS)  # om's method and metrics stages per forget set
     assert sum(r["method"] == "om" for r in grown["rows"]) == len(SETS)
@@ -134,7 +134,7 @@ def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):
     ({"models": 1}, SpecError, "give N >= 2"),
     ({"forget_sets": ["random:5"]}, Exception, "unknown forget set 'random:5'; use one of random:SIZE:SEED"),
     ({"methods": {"forgetful": {}}}, SpecError, "unknown method 'forgetful'; valid methods: nothing, retrain"),
-    ({"methods": {"dmm": {"epoch": 3}}}, MethodConfigError, "no hyperparameter 'epoch'; valid: epochs"),
+    ({"methods": {"dmm": {"epoch": 3}}}, MethodConfigError, "no hyperparameter 'epoch'; valid: lr"),
     ({"methods": {"dmm": {"lr": "fast"}}}, MethodConfigError, "lr is 'fast'; give a float"),
     ({"methods": {"nothing": {"lr": 1.0}}}, MethodConfigError, "takes no hyperparameters"),
     ({"metrics": {"klom_direction": "sideways"}}, SpecError, "use one of oracle||unlearned, unlearned||oracle"),

@@ -68,7 +68,7 @@ def test_two_concurrent_requests_on_an_fsspec_store_lose_no_entry(world, tmp_pat
 
     def request(i: int, ids: list[int]) -> None:
         try:
-            results[i] = unlearn_request(url, world["theta0"], ids, out=outs[i], config=MatchingConfig(epochs=1))
+            results[i] = unlearn_request(url, world["theta0"], ids, out=outs[i], config=MatchingConfig(min_steps=1, max_steps=1))
         except MatchingError as e:
             results[i] = e
 

@@ -27,7 +27,7 @@ from matching.request import unlearn_request
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CHEAP = MatchingConfig(epochs=1)
+CHEAP = MatchingConfig(min_steps=1, max_steps=1)
 
 
 class Injected(OSError):

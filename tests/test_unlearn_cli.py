@@ -56,11 +56,15 @@ def test_unlearn_and_ledger_print_what_they_did(world, tmp_path, capsys):
     ids = write_ids(tmp_path / "f.csv", "4,8,15\n16,23,42\n")
     out = tmp_path / "u.safetensors"
     argv = ["unlearn", "--store", store, "--model", str(world["theta0"]), "--forget", str(ids), "--out", str(out),
-            "--epochs", "3", "--lr", "1e-3", "--seed", "5"]
+            "--max-steps", "250", "--lr", "1e-3", "--seed", "5"]
     assert main(argv) == 0
-    assert "request 1: dmm forgot 6 new ids, 6 in all" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     (entry,) = read_ledger(AttributionStore.open(store))
-    assert entry.ids == [4, 8, 15, 16, 23, 42] and entry.seed == 5 and entry.config["epochs"] == 3
+    assert "request 1: dmm forgot 6 new ids, 6 in all" in printed
+    assert entry.ids == [4, 8, 15, 16, 23, 42] and entry.seed == 5 and entry.config["max_steps"] == 250
+    stats = entry.stats  # the matching's own record: loss at start and end, steps (the stopping rule's)
+    assert 200 <= stats["steps"] <= 250 and stats["loss_end"] < stats["loss_start"]
+    assert f"matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps" in printed
     assert entry.output_sha256 == file_sha256(out)
 
     np.save(tmp_path / "again.npy", np.array([4, 8]))
@@ -72,6 +76,7 @@ def test_unlearn_and_ledger_print_what_they_did(world, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[1].split()[:3] == ["1", entry.time_utc, "dmm"]
     assert entry.output_sha256[:12] in lines[1] and str(out.resolve()) in lines[1]
+    assert "loss start" in lines[0] and "loss end" in lines[0] and f" {stats['steps']} " in lines[1]
 
 
 BAD_INPUTS = {
@@ -94,7 +99,7 @@ BAD_INPUTS = {
     "output over input": (dict(out="u1"), "is the input model"),
     "om without oracles": (dict(extra=["--method", "om"]), "needs --oracles"),
     "unknown method": (dict(extra=["--method", "retrain-everything"]), "unknown method"),
-    "bad config": (dict(extra=["--epochs", "0"]), "must be >= 1"),
+    "bad config": (dict(extra=["--max-steps", "0"]), "min steps <= max steps"),
 }
 
 

@@ -99,23 +99,27 @@ class Recipe:
         return self.with_(epochs=epochs, peak_epoch=self.peak_epoch * epochs / self.epochs)
 
 
-def _check_field_type(name: str, value, default) -> None:
-    """Refuse a field value whose type differs from its default's (ints are accepted for floats)."""
+def same_kind_as_default(value, default) -> bool:
+    """Whether a config value has its default's type (ints accepted for floats; bools are not numbers)."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     kind = type(default)
     if kind is bool or kind is str:
-        ok = isinstance(value, kind)
-    elif kind is int:
-        ok = number(value) and isinstance(value, int)
-    elif kind is float:
-        ok = number(value)
-    elif kind is tuple:
-        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(number, value))
-    else:
-        ok = True
-    if not ok:
+        return isinstance(value, kind)
+    if kind is int:
+        return number(value) and isinstance(value, int)
+    if kind is float:
+        return number(value)
+    if kind is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(number, value))
+    return True
+
+
+def _check_field_type(name: str, value, default) -> None:
+    """Refuse a field value whose type differs from its default's (ints are accepted for floats)."""
+    if not same_kind_as_default(value, default):
+        kind = type(default)
         hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if kind is float and isinstance(value, str) else ""
         raise RecipeError(f"recipe field {name} must be {kind.__name__} like {default!r}, got {value!r}{hint}; "
                           "fix the recipe")

@@ -20,6 +20,7 @@ from attribution.datasets import Dataset
 from attribution.errors import DmmError
 from attribution.evaluation import model_logits
 from attribution.models import build_model
+from attribution.recipes import same_kind_as_default
 from matching.direct import fitted_group, forget_effect
 from matching.methods import METHOD_CONFIGS, METHOD_NEEDS, METHODS, UnlearnTask
 
@@ -59,8 +60,7 @@ def method_config(name: str, params: dict) -> dict:
         raise MethodConfigError(f"method {name} has no hyperparameter {', '.join(map(repr, unknown))}; valid: {valid}")
     for key, value in params.items():
         default = known[key].default
-        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-        if not ok or (isinstance(value, bool) and not isinstance(default, bool)):
+        if not same_kind_as_default(value, default):
             raise MethodConfigError(f"method {name}: {key} is {value!r}; give a {type(default).__name__} "
                                     f"like the default {default!r}")
     return asdict(cls(**params))

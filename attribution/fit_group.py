@@ -2,6 +2,9 @@
 
 A group holds weight β_{i,x,c} (n_train × n_points × k), bias β0, the chosen λ, the LDS per
 (x, c) and per margin, and one ``done`` marker per target chunk, set after that chunk's data.
+Once every chunk is done the driver writes ``weight_rows``, β again with one stored object per
+training row (:func:`write_row_copy`), so a request reads |F| objects rather than |F| × ⌈p / target_chunk⌉;
+its attr ``complete`` is set last, cleared when the group is reopened to refit chunks.
 Its attrs ``target_chunk``, ``row_chunk`` and ``config`` key a resumable fit: reopening it with
 other values is a ``StoreMismatch`` unless the caller asks to refit.
 """
@@ -15,12 +18,14 @@ import numpy as np
 import zarr
 
 from .store_spec import SCHEMA_VERSION, StoreError, StoreMismatch, norm_json, short_value, spec_diff
-from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir
+from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir, get_array
 
 if TYPE_CHECKING:
     from .store import AttributionStore
 
 FIT_PREFIXES = ("datamodels", "trak")
+ROWS = "weight_rows"  # the row-major copy of weight
+COPY_BYTES = 64 << 20  # β bytes one copy task holds (a whole number of weight's row chunks, at least one)
 
 
 def _check_prefix(prefix: str) -> None:
@@ -88,7 +93,10 @@ def create_fit_group(
     if existing is not None:
         diff = spec_diff(existing, want)
         if not diff:
-            return FitGroup(store, prefix)
+            group = FitGroup(store, prefix)
+            if group.missing_chunks():
+                drop_row_copy(group)  # chunks about to be refitted: β may change
+            return group
         if not overwrite:
             raise StoreMismatch(
                 f"{prefix} group in {store.url} was fitted differently: {'; '.join(diff)}; "
@@ -146,6 +154,12 @@ class FitGroup:
         self.lds_margin = store.zarr_array(f"{prefix}/lds_margin")
         self.done = store.zarr_array(f"{prefix}/done")
         self.num_chunks = self.done.shape[0]
+        self.weight_rows = self.row_copy()
+
+    def row_copy(self) -> zarr.Array | None:
+        """``weight_rows`` if the store holds it complete now, else None (absent, half-written or stale)."""
+        arr = get_array(self.store.group, f"{self.prefix}/{ROWS}")
+        return arr if arr is not None and arr.attrs.get("complete") is True else None
 
     def __repr__(self) -> str:
         return f"FitGroup({self.prefix!r}, {len(self.completed_chunks())}/{self.num_chunks} target chunks)"
@@ -178,6 +192,9 @@ class FitGroup:
         """Write target chunk ``chunk``: weight (n_train × t × k), bias/lam/lds (t × k), lds_margin (t,); marker last."""
         self.store._require_writable()
         sl = self.target_slice(chunk)
+        if self.row_copy() is not None:
+            raise StoreError(f"{self.prefix}/{ROWS} in {self.store.url} is a complete copy of β; fix: reopen the "
+                             "group with create_fit_group (the driver invalidates the copy) before refitting chunks")
         s = self.store.spec
         t, k = sl.stop - sl.start, s.num_classes
         arrays = {"weight": (weight, (s.n_train, t, k))}
@@ -201,14 +218,52 @@ class FitGroup:
         self.done[chunk : chunk + 1] = np.ones(1, dtype=bool)
 
     def read_weight_rows(self, rows: Sequence[int] | np.ndarray, targets: slice | None = None) -> np.ndarray:
-        """β rows for training points ``rows`` (len(rows) × targets × k): what DM-Direct sums over F."""
+        """β rows for training points ``rows`` (len(rows) × targets × k): what DM-Direct sums over F.
+
+        Read from ``weight_rows`` (one object a row) when the group was opened with it complete, else from ``weight``.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= self.store.spec.n_train)):
             raise StoreError(f"rows must be train indices in [0, {self.store.spec.n_train}); fix: pass forget-set indices")
         t = slice(None) if targets is None else targets
+        beta = self.weight if self.weight_rows is None else self.weight_rows
         if rows.size == 0:
-            return np.asarray(self.weight[0:0, t, :])
-        return np.asarray(self.weight.oindex[rows, t, :])
+            return np.asarray(beta[0:0, t, :])
+        return np.asarray(beta.oindex[rows, t, :])
 
     def read_bias(self, targets: slice | None = None) -> np.ndarray:
         return np.asarray(self.bias[slice(None) if targets is None else targets])
+
+
+def drop_row_copy(group: FitGroup) -> None:
+    """Driver: mark ``weight_rows`` incomplete (readers fall back to ``weight``) until it is rewritten."""
+    arr = get_array(group.store.group, f"{group.prefix}/{ROWS}")
+    if arr is not None and arr.attrs.get("complete") is not False:
+        arr.attrs.update({"complete": False})
+    group.weight_rows = None
+
+
+def write_row_copy(group: FitGroup, scheduler="threads", **compute_kwargs) -> bool:
+    """Driver: write ``weight_rows`` (chunk 1 × p × k) of a complete group lacking a complete one; True if written.
+
+    Out of core: Dask tasks of whole row chunks of ``weight`` (about COPY_BYTES each) read β and write
+    their own rows, on ``scheduler`` (a Dask scheduler name or ``get``); ``complete`` is set after the last.
+    """
+    import dask.array as da
+
+    group.store._require_writable()
+    if not group.is_complete() or group.row_copy() is not None:
+        return False
+    n, p, k = group.weight.shape
+    rows = group.store.group.create_array(
+        f"{group.prefix}/{ROWS}", shape=(n, p, k), chunks=(1, p, k), dtype="float32", fill_value=0.0,
+        compressors=COMPRESSORS, config=ARRAY_CONFIG, overwrite=True,
+        attributes=array_attrs(group.store.fingerprint, "weight again, one chunk per training row; "
+                               "read only when complete", complete=False),
+    )
+    step = group.row_chunk * max(1, COPY_BYTES // (group.row_chunk * p * k * 4))
+    beta = da.from_zarr(group.weight, chunks=(min(step, n), p, k), inline_array=True)
+    da.store(beta, rows, lock=False, scheduler=scheduler, **compute_kwargs)
+    rows.attrs.update({"complete": True})
+    group.weight_rows = group.row_copy()
+    return True

@@ -12,7 +12,8 @@ Rules the code enforces:
   on a read-only handle).
 * Writers write whole chunks they own: a subset block is exactly one chunk of
   ``subsets/masks`` and one of ``subsets/logits``; a fit target-chunk is one
-  column of ``<prefix>/weight`` chunks. The block's marker (its own one-element
+  column of ``<prefix>/weight`` chunks (its row-major copy ``<prefix>/weight_rows`` is
+  written after the last chunk, attr ``complete`` last). The block's marker (its own one-element
   chunk of a ``done`` array) is set only *after* the data; readers see only
   marked blocks. Rewriting a block writes the same bytes (fixed zstd codec).
 * Every array carries ``fingerprint`` and ``schema_version`` attributes.
@@ -523,6 +524,7 @@ class AttributionStore:
                     "num_chunks": fg.num_chunks,
                     "target_chunk": fg.target_chunk,
                     "row_chunk": fg.row_chunk,
+                    "row_copy": fg.weight_rows is not None,
                     "config": fg.config,
                 }
             else:

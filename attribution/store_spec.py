@@ -42,6 +42,9 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "block b complete (set after its masks and logits); readers see marked blocks only"),
     ("`datamodels/weight`", "n × p × k", "float32", "row_chunk × target_chunk × k",
      "β_{i,x,c}: effect of training point i on logit c of target x"),
+    ("`datamodels/weight_rows`", "n × p × k", "float32", "1 × p × k",
+     "`weight` again, one chunk per training row, written once all target chunks are done; read by requests "
+     "(one object per forget id) only when attr complete is true, else they read `weight`"),
     ("`datamodels/bias`", "p × k", "float32", "target_chunk × k", "β0_{x,c} intercept"),
     ("`datamodels/lam`", "p × k", "float32", "target_chunk × k",
      "chosen L1 strength λ per regression (NaN = not fitted)"),

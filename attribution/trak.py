@@ -42,7 +42,7 @@ from . import lds as lds_mod
 from .datasets import Dataset, check_fingerprint, load_dataset
 from .engine import train_batched
 from .errors import DmmError
-from .fit_group import FitGroup, refuse_other_settings
+from .fit_group import FitGroup, refuse_other_settings, write_row_copy
 from .models import build_model, require_consent
 from .recipes import Recipe
 from .store import AttributionStore, StoreError
@@ -282,6 +282,7 @@ def run_trak(store: AttributionStore, settings: TrakSettings = TrakSettings(), o
                 weight, bias = calibrate(scores, masks[fit_rows], logits[fit_rows])
                 per_class, margin = lds_mod.measure(masks[eval_rows], weight, bias, logits[eval_rows], labels[sl])
                 group.write_chunk(chunk, weight, bias, lds=per_class, lds_margin=margin)
+    write_row_copy(group)  # β row-major for requests; also adds it to a complete group written before it existed
     return TrakReport(settings=settings, written=len(missing), skipped=group.num_chunks - len(missing),
                       calibration_models=fit_rows.stop - fit_rows.start,
                       lds=lds_mod.report(group.lds[:], group.lds_margin[:], spec.n_train))

@@ -7,6 +7,9 @@ hyperparameters. Three populations are not registry edits of a model:
 - `retrain`   N fresh models trained on S∖F with their own seeds: the second, independent oracle set,
               whose KLoM against the oracles is the noise floor (DESIGN.md §2);
 - `dm-direct` DM-Direct's predicted outputs h_n(x) = f_x(θ_n) − Σ_{i∈F} β_{i,x,:} (no model).
+
+A method written over stacked models (`matching.methods.STACKED_METHODS`) runs on all N originals in one
+vectorised pass; the others (and models with BatchNorm) run one model at a time.
 """
 from __future__ import annotations
 
@@ -17,15 +20,17 @@ import numpy as np
 import torch
 
 from attribution.datasets import Dataset
+from attribution.engine import has_batchnorm
 from attribution.errors import DmmError
 from attribution.evaluation import model_logits
 from attribution.models import build_model
 from attribution.recipes import same_kind_as_default
+from matching.baselines.stack import ModelStack, StackedTask
 from matching.direct import fitted_group, forget_effect
-from matching.methods import METHOD_CONFIGS, METHOD_NEEDS, METHODS, UnlearnTask
+from matching.methods import METHOD_CONFIGS, METHOD_NEEDS, METHODS, STACKED_METHODS, UnlearnTask
 
-POPULATIONS = ("nothing", "retrain", "dm-direct")
-EVAL_METHODS = (*POPULATIONS, *sorted(METHODS))
+POPULATIONS = ("nothing", "retrain", "dm-direct")  # `retrain` here is the floor population (its own seeds)
+EVAL_METHODS = (*POPULATIONS, *sorted(set(METHODS) - set(POPULATIONS)))
 
 
 class MethodConfigError(DmmError):
@@ -52,6 +57,11 @@ def method_config(name: str, params: dict) -> dict:
         if params:
             raise MethodConfigError(f"method {name} takes no hyperparameters; give it {{}}")
         return {}
+    return hyperparameters(name, params)
+
+
+def hyperparameters(name: str, params: dict) -> dict:
+    """`params` checked against the config dataclass of registered method `name`, its defaults filled in."""
     cls = METHOD_CONFIGS[name]
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(params) - set(known))
@@ -62,7 +72,7 @@ def method_config(name: str, params: dict) -> dict:
         default = known[key].default
         if not same_kind_as_default(value, default):
             raise MethodConfigError(f"method {name}: {key} is {value!r}; give a {type(default).__name__} "
-                                    f"like the default {default!r}")
+                                    f"like the default {default!r} (keys: {', '.join(known)})")
     return asdict(cls(**params))
 
 
@@ -88,6 +98,10 @@ def apply_method(name: str, params: dict, model_name: str, data: Dataset, states
         seconds = time.perf_counter() - start
         return (original_logits - effect[None]).astype(np.float32), None, np.full(n_models, seconds), no_gradients
     method, config = METHODS[name], METHOD_CONFIGS[name](**params)
+    if name in STACKED_METHODS:
+        base = build_model(model_name, data.input_shape, data.num_classes, 0)
+        if not has_batchnorm(base):
+            return _apply_stacked(name, config, base, model_name, data, states, forget_ids)
     x = data.all_inputs()
     logits, new_states, seconds, stats = [], [], [], []
     for n in range(n_models):
@@ -95,7 +109,7 @@ def apply_method(name: str, params: dict, model_name: str, data: Dataset, states
         task = UnlearnTask(model=model, data=data, forget_ids=forget_ids, store=store,
                            original_logits=original_logits[n], attribution=attribution,
                            config=replace(config, seed=config.seed + n) if hasattr(config, "seed") else config,
-                           oracle_mean_logits=oracle_mean_logits)
+                           oracle_mean_logits=oracle_mean_logits, model_name=model_name)
         start = time.perf_counter()
         unlearned = method(task)
         seconds.append(time.perf_counter() - start)
@@ -104,3 +118,18 @@ def apply_method(name: str, params: dict, model_name: str, data: Dataset, states
         stats.append(unlearned.stats)
     stacked = {k: torch.stack([s[k] for s in new_states]) for k in new_states[0]}
     return np.stack(logits).astype(np.float32), stacked, np.asarray(seconds), stats
+
+
+def _apply_stacked(name: str, config, base: torch.nn.Module, model_name: str, data: Dataset,
+                   states: dict[str, torch.Tensor], forget_ids: np.ndarray):
+    """`apply_method` for a stacked method: all N originals in one pass, model n with seed config.seed + n."""
+    params = {k: states[k].clone() for k, _ in base.named_parameters()}
+    stack = ModelStack(base.to("meta"), params, {k: v.clone() for k, v in states.items() if k not in params})
+    n_models = stack.size
+    task = StackedTask(stack, data, forget_ids, config, tuple(config.seed + n for n in range(n_models)), model_name)
+    start = time.perf_counter()
+    result = STACKED_METHODS[name](task)
+    seconds = (time.perf_counter() - start) / n_models
+    logits = result.stack.logits(data.all_inputs()).cpu().numpy().astype(np.float32)
+    stats = [{**result.stats, "seconds": seconds}] * n_models
+    return logits, {k: v.detach().clone() for k, v in result.stack.state().items()}, np.full(n_models, seconds), stats

@@ -118,12 +118,13 @@ def method_stage(config: dict, out: Path, inputs: dict) -> None:
         oracle_mean_logits=oracle_mean)
     np.save(out / "logits.npy", logits)
     _save_states(out / "states.safetensors", states)
-    _write_json(out / "timing.json", {"seconds_per_model": float(np.mean(seconds)), "seconds": seconds.tolist(),
-                                      **mean_stats(stats)})
+    _write_json(out / "timing.json", {**mean_stats(stats), "seconds_per_model": float(np.mean(seconds)),
+                                      "seconds": seconds.tolist()})
 
 
 def mean_stats(stats: list[dict]) -> dict:
-    """Per-model means of the numeric stats methods report (steps, sample_grads, loss_start, loss_end)."""
+    """Per-model means of the numeric stats methods report (steps, sample_grads, loss_start, loss_end, seconds
+    of fine-tuning: the stage's own wall-time entries take precedence)."""
     keys = [k for k in stats[0] if all(isinstance(s.get(k), (int, float)) for s in stats)]
     return {f"{k}_per_model" if k == "sample_grads" else k: float(np.mean([s[k] for s in stats])) for k in keys}
 

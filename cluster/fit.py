@@ -3,7 +3,9 @@
 The subset logits are a Dask array over the Zarr store (`from_zarr`); each task reads one chunk of
 targets (all m fitting models × T points × k classes), solves its T·k regressions, measures their
 LDS on the H held-out models and writes its own chunk of `datamodels/` (marker last). So memory grows
-with T, not with the number of targets, and a rerun fits only chunks without a marker.
+with T, not with the number of targets, and a rerun fits only chunks without a marker. Once every chunk
+is done, the same scheduler writes β's row-major copy (`weight_rows`, for requests); a run on a complete
+group without one (a store from before the copy existed) writes just that.
 
 Schedulers: local threads by default; `--address` with a Ray cluster (or `RAY_ADDRESS`) runs the same
 graph with Dask-on-Ray (`ray.util.dask.ray_dask_get`), `tcp://HOST:PORT` on a dask.distributed scheduler.
@@ -23,7 +25,7 @@ from attribution.datasets import check_fingerprint, load_dataset
 from attribution.errors import DmmError
 from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH, DEFAULT_TOL
 from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
-from attribution.fit_group import refuse_other_settings
+from attribution.fit_group import refuse_other_settings, write_row_copy
 from attribution.store import AttributionStore
 
 from .ray_runtime import cluster_address, connect
@@ -118,6 +120,7 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     finally:
         stop.set()
         watcher.join()
+    write_row_copy(group, get, **kwargs)
     return {
         "models": len(masks), "fitting_models": fit_rows.stop - fit_rows.start,
         "holdout_models": config.holdout_models, "chunks_fitted": len(tasks),

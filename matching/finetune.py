@@ -13,6 +13,7 @@ end, the steps and epochs taken and the per-sample gradients it evaluated (`Matc
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,6 +59,7 @@ class MatchingStats:
     steps: int
     epochs: int
     sample_grads: int  # per-sample gradient evaluations (Σ batch sizes): the compute unit of the report
+    seconds: float     # wall time of the fine-tuning, loss evaluations included
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +90,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     targets = torch.as_tensor(targets, dtype=torch.float32)
     if targets.shape[0] != inputs.shape[0]:
         raise MatchingError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets; give one target row per point")
+    clock = time.perf_counter()
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
@@ -111,7 +114,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         if steps >= config.min_steps and _plateaued(history, config.patience, config.tol * start):
             break
     model.eval()
-    return model, MatchingStats(start, history[-1], steps, epochs, grads)
+    return model, MatchingStats(start, history[-1], steps, epochs, grads, time.perf_counter() - clock)
 
 
 def _plateaued(history: list[float], patience: int, threshold: float) -> bool:

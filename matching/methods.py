@@ -2,7 +2,8 @@
 
 A method receives an `UnlearnTask` and returns `Unlearned` (the model and its run's stats); it must not write anything
 (the request writes the model and the ledger once the method has returned). DMM and OM are here;
-baselines (DESIGN.md §5) register themselves the same way with `@register_method("name")`.
+the baselines (DESIGN.md §5, `matching.baselines`) register themselves the same way: written once over a
+stack of N models, each is in `STACKED_METHODS` too, which the evaluation runs on all N originals at once.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from attribution.datasets import Dataset
 from attribution.evaluation import model_logits
+from attribution.recipes import Recipe
 from attribution.store import AttributionStore
 
 from .direct import dm_direct_targets
@@ -37,6 +39,8 @@ class UnlearnTask:
     oracles: tuple[str, ...] = ()  # model files trained on S∖F (OM only)
     oracle_mean_logits: np.ndarray | None = None  # OM's targets given directly (n_points × k), e.g. by evaluation
     trust_code: bool = False      # consent to import a module:callable model that the oracle files name
+    model_name: str | None = None  # how `model` was built and trained (retrain); default: the store's
+    recipe: Recipe | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ UnlearnMethod = Callable[[UnlearnTask], Unlearned]
 METHODS: dict[str, UnlearnMethod] = {}
 METHOD_CONFIGS: dict[str, type] = {}  # name -> hyperparameter dataclass (defaults, validation)
 METHOD_NEEDS: dict[str, frozenset[str]] = {}  # name -> inputs beyond (model, data, F): "store", "oracles"
+STACKED_METHODS: dict[str, Callable] = {}  # name -> the method over N stacked models (`matching.baselines.stack`)
 
 
 def register_method(name: str, config: type = MatchingConfig,
@@ -108,3 +113,6 @@ def oracle_logits(task: UnlearnTask) -> np.ndarray:
 def oracle_matching(task: UnlearnTask) -> Unlearned:
     """OM: match the mean logits of real oracles (the ablation with exact targets)."""
     return match_on_forget_and_retain(task, oracle_logits(task))
+
+
+from . import baselines  # noqa: E402,F401 - registers the baselines (imports this module's registry)

@@ -47,6 +47,13 @@ class RequestResult:
     message: str
     method_s: float = 0.0        # wall time inside the method (for DMM: DM-Direct targets + fine-tuning)
     stats: dict | None = None    # the method's report of its run (DMM: matching loss at start and end, steps)
+    parts: dict | None = None    # wall seconds of the request's parts (`REQUEST_PARTS`)
+
+
+# a request's parts, in order: opening the store, dataset and model; the chain checks under the lock
+# (ledger, model hash, θ0's logits); the method before its fine-tuning (DMM: reading F's β rows for the
+# DM-Direct targets); the fine-tuning; the writes (staged model, θ0's logits, ledger, rename)
+REQUEST_PARTS = ("open", "checks", "targets", "finetune", "writes")
 
 
 def _store_url(store: str | os.PathLike | AttributionStore) -> str:
@@ -93,6 +100,7 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
     if out.resolve() == model_path.resolve():
         raise MatchingError(f"--out {out} is the input model; write the unlearned model to a new file")
     model, meta = load_store_model(model_path, store, data, trust_code=trust_code, device=device)
+    locked = time.perf_counter()
     with store_lock(store, lock_timeout) as still_held:
         entries = read_ledger(store)  # the ledger and θ0's logits are read afresh under the lock
         model_sha = file_sha256(model_path)
@@ -108,6 +116,9 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
         method_start = time.perf_counter()
         unlearned = unlearn(task)
         method_s = time.perf_counter() - method_start
+        finetune_s = unlearned.stats.get("seconds", 0.0)
+        clock = {"open": locked - start, "checks": method_start - locked, "targets": method_s - finetune_s,
+                 "finetune": finetune_s}
         request_id = len(entries) + 1
         out_meta = {**meta, "unlearned": {"store": store.url, "request": request_id, "method": method,
                                           "attribution": attribution, "n_forgotten": int(union.size)}}
@@ -123,11 +134,12 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
             if first:
                 store.write_original_logits(original, model_sha)
             append_entry(store, entry)
+    clock["writes"] = time.perf_counter() - start - sum(clock.values())
     already = ids.size - new_ids.size
     message = (f"request {request_id}: {method} forgot {new_ids.size} new ids"
                + (f" ({already} already forgotten)" if already else "")
                + f", {union.size} in all, in {entry.wall_s:.2f} s" + _stats_text(unlearned.stats) + f" -> {out}")
-    return RequestResult(entry, new_ids, union, message, method_s, unlearned.stats)
+    return RequestResult(entry, new_ids, union, message, method_s, unlearned.stats, clock)
 
 
 def _stats_text(stats: dict) -> str:

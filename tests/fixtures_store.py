@@ -25,6 +25,7 @@ from attribution.checkpoint import model_meta, save_model
 from attribution.datasets import Dataset, load_dataset
 from attribution.engine import train_batched
 from attribution.recipes import Recipe, default_recipe
+from attribution.fit_group import write_row_copy
 from attribution.store import AttributionStore, StoreSpec
 from attribution.subsets import block_subsets
 
@@ -39,10 +40,11 @@ class DigitsStore:
     url: str
     data: Dataset
     recipe: Recipe
+    model: str = MODEL
 
     def spec(self, **changes) -> StoreSpec:
         d = self.data
-        fields = dict(dataset=d.name, fingerprint=d.fingerprint, model=MODEL, recipe=self.recipe.to_dict(),
+        fields = dict(dataset=d.name, fingerprint=d.fingerprint, model=self.model, recipe=self.recipe.to_dict(),
                       alpha=0.5, seed=0, block_size=BLOCK_SIZE, n_train=d.n_train, n_points=d.n_points,
                       num_classes=d.num_classes)
         return StoreSpec(**{**fields, **changes})
@@ -79,16 +81,17 @@ def build_digits_store(base_dir: Path, num_models: int, val_models: int) -> Digi
     return build_store(base_dir / f"digits-{num_models}.zarr", data, num_models, val_models, LASSO)
 
 
-def build_store(url: Path, data: Dataset, num_models: int, val_models: int, lasso: dict) -> DigitsStore:
-    """Subset models of `data` (default digits recipe) and datamodels fitted with `lasso` settings."""
+def build_store(url: Path, data: Dataset, num_models: int, val_models: int, lasso: dict, model: str = MODEL,
+                recipe: Recipe | None = None) -> DigitsStore:
+    """Subset models of `data` (`model`, `recipe` or the digits MLP's) and datamodels fitted with `lasso` settings."""
     from attribution.lasso import fit_datamodels
     from cluster.fit import FitConfig  # the CLI's chunking (imported here: it pulls in Ray)
 
-    fixture = DigitsStore(str(url), data, default_recipe("digits"))
+    fixture = DigitsStore(str(url), data, recipe or default_recipe("digits"), model)
     store = AttributionStore.open_or_create(fixture.url, fixture.spec(), num_models)
     for block in store.missing_blocks():
         masks, seeds = block_subsets(0, block, BLOCK_SIZE, data.n_train, 0.5)
-        store.write_block(block, masks, train_batched(MODEL, data, fixture.recipe, seeds, masks).logits.numpy())
+        store.write_block(block, masks, train_batched(model, data, fixture.recipe, seeds, masks).logits.numpy())
     masks, logits, _ = store.read()
     x, y = masks.astype(np.float32), logits.reshape(len(masks), -1)
     fit = fit_datamodels(x[:-val_models], y[:-val_models], x[-val_models:], y[-val_models:], **lasso)
@@ -99,6 +102,7 @@ def build_store(url: Path, data: Dataset, num_models: int, val_models: int, lass
     for c in range(group.num_chunks):
         sl = group.target_slice(c)
         group.write_chunk(c, weight[:, sl], bias[sl], lam[sl])
+    write_row_copy(group)  # what `dmm fit` writes last: the row-major β that requests read
     return fixture
 
 
@@ -113,10 +117,10 @@ def train_and_save(fixture: DigitsStore, paths, seeds, excluded=()) -> list[Path
     data = fixture.data
     mask = np.ones(data.n_train, dtype=bool)
     mask[np.asarray(excluded, dtype=np.int64)] = False
-    trained = train_batched(MODEL, data, fixture.recipe, seeds, np.stack([mask] * len(seeds)))
+    trained = train_batched(fixture.model, data, fixture.recipe, seeds, np.stack([mask] * len(seeds)))
     meta_excluded = [int(i) for i in excluded]
     for b, (path, seed) in enumerate(zip(paths, seeds)):
-        save_model(path, trained.state_dict(b), model_meta(data, MODEL, fixture.recipe, int(seed), excluded=meta_excluded))
+        save_model(path, trained.state_dict(b), model_meta(data, fixture.model, fixture.recipe, int(seed), excluded=meta_excluded))
     return [Path(p) for p in paths]
 
 

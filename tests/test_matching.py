@@ -23,7 +23,7 @@ from matching.finetune import MatchingConfig, match_logits, matching_points
 from matching.inputs import forget_set
 from matching.ledger import ids_sha256, read_ledger, store_lock
 from matching.methods import METHODS, Unlearned, get_method, register_method
-from matching.request import unlearn_request
+from matching.request import REQUEST_PARTS, unlearn_request
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,9 +220,13 @@ def test_dmm_moves_forget_logits_towards_retrained_and_om_does_at_least_as_well(
     outputs = {}
     for method, oracles in (("dmm", ()), ("om", world["oracles"])):
         store = copy_store(fixture, tmp_path / f"{method}.zarr")
-        unlearn_request(store, world["theta0"], forget, method=method, out=tmp_path / f"{method}.safetensors",
-                        oracles=oracles)
+        result = unlearn_request(store, world["theta0"], forget, method=method,
+                                 out=tmp_path / f"{method}.safetensors", oracles=oracles)
         outputs[method] = logits_of(tmp_path / f"{method}.safetensors", data)
+        # the request's parts split its wall time: every part measured, the fine-tuning as the method reports it
+        assert tuple(result.parts) == REQUEST_PARTS and min(result.parts.values()) >= 0
+        assert result.parts["finetune"] == result.stats["seconds"] > 0
+        assert sum(result.parts.values()) >= result.entry.wall_s  # the entry's time is taken before the writes
 
     # DMM's model is θ0 fine-tuned (the loop written out) towards h = f(θ0) − Σ_{i∈F} β_i on F ∪ R,
     # with β read whole from the store (both target chunks)
@@ -234,10 +238,10 @@ def test_dmm_moves_forget_logits_towards_retrained_and_om_does_at_least_as_well(
                                       torch.from_numpy(h[points]).float(), config)
     np.testing.assert_allclose(outputs["dmm"], model_logits(want, data.all_inputs()).numpy(), rtol=1e-5, atol=1e-5)
     # which moves F's logits towards h, and towards the retrained models; OM's exact targets do at least as well
-    # the matching converges: its loss on F ∪ R falls by >= 80 %, and F's logits end >= 80 % closer to h
-    # (measured: 86 % and more here; the width-32 MLP's capacity, not the rule, stops it short of 90 %)
-    assert losses[-1] <= 0.2 * losses[0]
-    assert distance(outputs["dmm"], h) <= 0.2 * distance(theta0, h)
+    # the matching converges: its loss on F ∪ R falls by >= 90 %, and F's logits end >= 90 % closer to h
+    # (measured: 97 % and 97.5 % with the width-256 MLP; 86 % with width 32, whose capacity stopped it short)
+    assert losses[-1] <= 0.1 * losses[0]
+    assert distance(outputs["dmm"], h) <= 0.1 * distance(theta0, h)
     assert distance(outputs["dmm"]) < distance(theta0)
     assert distance(outputs["om"]) <= distance(outputs["dmm"])
     retain = np.setdiff1d(np.arange(data.n_train), forget)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from .datasets import Dataset
 from .models import build_model, require_consent
 from .recipes import Recipe
+from .sisa import SisaEnsemble
 from .errors import DmmError
 
 
@@ -95,6 +96,8 @@ def load_model(path: str | Path, data: Dataset | None = None, trust_code: bool =
     data = data or load_dataset(meta["dataset"])
     check_fingerprint(data, meta.get("fingerprint"), f"model {path}")  # also when data came from the sidecar's name
     model = build_model(meta["model"], data.input_shape, data.num_classes, seed=0)
+    if "sisa" in meta:  # an ensemble of shard models with their slice checkpoints (`dmm train --sisa`)
+        model = SisaEnsemble.like(model, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

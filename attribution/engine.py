@@ -58,12 +58,20 @@ def _check_mask(mask, n_train: int) -> torch.Tensor:
 
 
 def train_model(model_name: str, data: Dataset, recipe: Recipe, seed: int, mask=None,
-                device: str | torch.device = "cpu") -> nn.Module:
-    """Train one model on S' = {i : mask[i]} (all of S when mask is None) with `recipe` and `seed`."""
+                device: str | torch.device = "cpu", init: dict[str, torch.Tensor] | None = None,
+                recorder=None) -> nn.Module:
+    """Train one model on S' = {i : mask[i]} (all of S when mask is None) with `recipe` and `seed`, from
+    the state dict `init` when given (else from the initialisation the seed draws).
+
+    `recorder` (e.g. `update_record.UpdateRecorder`) sees θ_0 (`recorder.start(model)`) and, after every
+    optimiser step, the batch's ids (`recorder.step(idx, model)`); it reads, so the training is unchanged."""
     mask = torch.ones(data.n_train, dtype=torch.bool) if mask is None else _check_mask(mask, data.n_train)
     augment = Augmentation.from_recipe(recipe, data.input_shape)
     init_seed, order_seed = derive_seeds(seed)
-    model = build_model(model_name, data.input_shape, data.num_classes, init_seed).to(device)
+    model = build_model(model_name, data.input_shape, data.num_classes, init_seed)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     order = epoch_permutations(mask.nonzero().squeeze(1), recipe.epochs, order_seed)
     batches = [perm.split(recipe.batch_size) for perm in order]
     total_steps = sum(len(e) for e in batches)  # minibatches of every epoch; the last one may be short
@@ -77,6 +85,8 @@ def train_model(model_name: str, data: Dataset, recipe: Recipe, seed: int, mask=
     x, y = data.x_train.to(device), data.y_train.to(device)
     generator = augment.generator(seed) if augment else None
     model.train()
+    if recorder is not None:
+        recorder.start(model)
     for epoch in batches:
         for idx in epoch:
             idx = idx.to(device)
@@ -88,6 +98,8 @@ def train_model(model_name: str, data: Dataset, recipe: Recipe, seed: int, mask=
             loss.backward()
             opt.step()
             sched.step()
+            if recorder is not None:
+                recorder.step(idx, model)
     return model.eval()
 
 
@@ -223,8 +235,10 @@ DEFAULT_GROUP_SIZE = 256  # models per vectorised pass: bounds activation memory
 
 
 def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
-                  device: str | torch.device = "cpu", group_size: int = DEFAULT_GROUP_SIZE) -> BatchedResult:
-    """Train B models, model b on {i : masks[b, i]} with seed seeds[b], vectorised over the models.
+                  device: str | torch.device = "cpu", group_size: int = DEFAULT_GROUP_SIZE,
+                  init: dict[str, torch.Tensor] | None = None) -> BatchedResult:
+    """Train B models, model b on {i : masks[b, i]} with seed seeds[b], vectorised over the models,
+    model b from the state {k: init[k][b]} when `init` (stacked (B, ...)) is given.
 
     The models are trained `group_size` at a time, one vectorised pass per group. A model's result
     does not depend on its group bitwise with one torch thread; with more, a small group's matmuls may
@@ -243,11 +257,15 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
     derived = [derive_seeds(s) for s in seeds]
     if has_batchnorm(build_model(model_name, data.input_shape, data.num_classes, derived[0][0])):
         _warn_fallback_once(model_name)
-        trained = [train_model(model_name, data, recipe, s, m, device) for s, m in zip(seeds, masks)]
+        trained = [train_model(model_name, data, recipe, s, m, device, None if init is None else
+                               {k: v[b] for k, v in init.items()}) for b, (s, m) in enumerate(zip(seeds, masks))]
         state = {k: torch.stack([t.state_dict()[k] for t in trained]) for k in trained[0].state_dict()}
         logits = torch.stack([model_logits(t, data.all_inputs()) for t in trained]).to(device)
         return BatchedResult(state, logits)
-    models = [build_model(model_name, data.input_shape, data.num_classes, init) for init, _ in derived]
+    models = [build_model(model_name, data.input_shape, data.num_classes, init_seed) for init_seed, _ in derived]
+    if init is not None:
+        for b, model in enumerate(models):
+            model.load_state_dict({k: v[b] for k, v in init.items()})
     results = [_train_group(models[lo:lo + group_size], seeds[lo:lo + group_size], masks[lo:lo + group_size],
                             data, recipe, device, augment)
                for lo in range(0, len(seeds), group_size)]

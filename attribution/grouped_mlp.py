@@ -71,11 +71,16 @@ class GroupedMLP:
         if label_smoothing:
             grad_z.sub_(label_smoothing / grad_z.shape[1])
         grad_z.mul_(w.unsqueeze(1))
+        return self.backward(h, grad_z)
+
+    def backward(self, h: list[torch.Tensor], grad_z: torch.Tensor, first: int = 0) -> list[torch.Tensor]:
+        """[∂W_l] + [∂b_l] of layers l ≥ `first` (0-based) given the activations h = forward(x)[:-1] and
+        ∂loss/∂Z_Lᵀ (B, k, batch); layers below `first` get none (and cost nothing)."""
         grad_w, grad_b = [], []
-        for layer in range(len(self.weights) - 1, -1, -1):
+        for layer in range(len(self.weights) - 1, first - 1, -1):
             grad_w.append(torch.bmm(grad_z, h[layer].transpose(1, 2)))
             grad_b.append(grad_z.sum(2, keepdim=True))
-            if layer:  # ReLU's backward, exactly as autograd computes it
+            if layer > first:  # ReLU's backward, exactly as autograd computes it
                 grad_z = torch.ops.aten.threshold_backward(torch.bmm(self.weights[layer].transpose(1, 2), grad_z),
                                                            h[layer], 0)
         return grad_w[::-1] + grad_b[::-1]

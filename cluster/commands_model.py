@@ -17,6 +17,8 @@ from attribution.evaluation import accuracy, model_logits
 from attribution.ids import read_ids
 from attribution.models import default_model
 from attribution.recipes import RECIPE_FILE_SUFFIXES, RECIPES, Recipe, recipe_pairs, resolve_recipe
+from attribution.sisa import parse_shape, train_sisa
+from attribution.update_record import UpdateRecorder, UpdateRecordError
 
 
 def add_data_args(p, model=True) -> None:
@@ -50,9 +52,19 @@ def add_trust_code_arg(p, files: str) -> None:
                         "code: only for files you trust)")
 
 
+def update_recorder(args) -> UpdateRecorder | None:
+    """The amnesiac update record `--record-updates` / `--record-keep` ask for (None without them)."""
+    if not args.record_updates and args.record_keep is None:
+        return None
+    if args.sisa:
+        raise UpdateRecordError("--record-updates records one model's training, not a SISA ensemble; drop one")
+    return UpdateRecorder(args.out, 1.0 if args.record_keep is None else args.record_keep)
+
+
 def train_cmd(args) -> int:
     device = resolve_device(args.device)
     model_name, recipe = model_and_recipe(args)
+    recorder = update_recorder(args)  # checked before any data is read or file written
     data = load_dataset(args.dataset, download=True)  # the user named it: a missing archive may be fetched
     mask = None
     excluded = []
@@ -60,11 +72,24 @@ def train_cmd(args) -> int:
         excluded = read_ids(args.exclude, data.n_train, data.n_points)
         mask = np.ones(data.n_train, dtype=bool)
         mask[excluded] = False
-    model = train_model(model_name, data, recipe, args.seed, mask, device)
     meta = model_meta(data, model_name, recipe, args.seed, excluded=[int(i) for i in excluded])
+    if args.sisa:
+        model, _ = train_sisa(model_name, data, recipe, args.seed, *args.sisa, excluded, device)
+        meta["sisa"] = model.manifest(recipe)
+    else:
+        model = train_model(model_name, data, recipe, args.seed, mask, device, recorder=recorder)
+        if recorder is not None:
+            meta["update_record"] = recorder.finish()
     save_model(args.out, model.state_dict(), meta)
     acc = accuracy(model_logits(model, data.x_test), data.y_test)
-    print(f"held-out accuracy {acc:.4f} ({data.name}, {model_name}, seed {args.seed}) -> {args.out}")
+    held_out = f"held-out accuracy {acc:.4f}"
+    if args.sisa:
+        vote = float((model.predict(data.x_test.to(device)).cpu() == data.y_test).float().mean())
+        held_out = (f"SISA {args.sisa[0]}x{args.sisa[1]}: held-out accuracy {vote:.4f} by vote "
+                    f"({acc:.4f} by mean logits)")
+    print(f"{held_out} ({data.name}, {model_name}, seed {args.seed}) -> {args.out}")
+    if recorder is not None:
+        print(recorder.summary())
     return 0
 
 
@@ -95,6 +120,15 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="model file (.safetensors, or .pt); a .json sidecar is written beside it")
     p.add_argument("--exclude", help="file of training indices to leave out (txt, csv or npy)")
+    p.add_argument("--sisa", type=parse_shape, metavar="SHARDS,SLICES",
+                   help="train a SISA ensemble: S shards x R slices, a checkpoint after each slice, all in the model "
+                        "file (for `dmm unlearn --method sisa`)")
+    p.add_argument("--record-updates", action="store_true",
+                   help="record every batch's parameter update and ids in <out>.updates/ (for `dmm unlearn --method "
+                        "amnesiac`)")
+    p.add_argument("--record-keep", type=float, metavar="FRACTION",
+                   help="keep only the top FRACTION of each update by |Δ| per parameter tensor (layer-wise partial "
+                        "amnesiac; implies --record-updates) and print the bytes the record takes")
     p.set_defaults(func=train_cmd)
 
     p = sub.add_parser("predict", help="write a model's logits on every train and held-out point")

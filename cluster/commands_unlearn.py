@@ -25,7 +25,7 @@ from matching.direct import dm_direct_prediction
 from matching.errors import MatchingError
 from matching.finetune import MatchingConfig
 from matching.ledger import format_ledger, read_ledger
-from matching.methods import METHOD_CONFIGS, METHOD_NEEDS, METHODS, UnlearnTask, get_method
+from matching.methods import METHOD_CONFIGS, METHOD_NEEDS, METHODS, UnlearnTask, check_model_for, get_method, unlearned_meta
 from matching.request import DEFAULT_LOCK_TIMEOUT_S, unlearn_request
 
 from .commands_model import add_device_arg, add_trust_code_arg
@@ -68,7 +68,12 @@ def method_config(args):
         first = next(iter(flags))
         raise MatchingError(f"--{first.replace('_', '-')} is a flag of dmm and om; for {method} use "
                             f"--set {first}=VALUE (see `dmm methods`)")
-    return METHOD_CONFIGS[method](**hyperparameters(method, {**flags, **parse_sets(args.set or [])}))
+    sets = parse_sets(args.set or [])
+    fixed = [k for k in getattr(METHOD_CONFIGS[method], "training_time", ()) if k in sets]
+    if fixed:
+        raise MatchingError(f"{fixed[0]} is fixed when the model is trained (`dmm train`), not by a request; "
+                            f"drop --set {fixed[0]}")
+    return METHOD_CONFIGS[method](**hyperparameters(method, {**flags, **sets}))
 
 
 def unlearn_cmd(args) -> int:
@@ -100,13 +105,15 @@ def unlearn_without_store(args, config, device: str) -> str:
     data = load_dataset(args.dataset, download=True)
     ids = read_ids(args.forget, data.n_train, data.n_points)
     model, meta = load_model(args.model, data, trust_code=args.trust_code, device=device)
+    check_model_for(args.method, model, args.model)
     task = UnlearnTask(model=model, data=data, forget_ids=ids, store=None,
                        original_logits=model_logits(model, data.all_inputs()).numpy(), config=config,
-                       model_name=meta["model"], recipe=Recipe.from_dict(meta["recipe"]) if "recipe" in meta else None)
+                       model_name=meta["model"], recipe=Recipe.from_dict(meta["recipe"]) if "recipe" in meta else None,
+                       model_path=args.model)
     unlearned = METHODS[args.method](task)
     save_model(args.out, unlearned.model.state_dict(),
-               {**meta, "unlearned": {"method": args.method, "config": config.to_dict(), "n_forgotten": int(ids.size),
-                                      "forgotten": ids.tolist()}})
+               unlearned_meta(meta, {"method": args.method, "config": config.to_dict(), "n_forgotten": int(ids.size),
+                                     "forgotten": ids.tolist()}))
     return f"{args.method} forgot {ids.size} ids of {data.name} (no store, no ledger) -> {args.out}"
 
 

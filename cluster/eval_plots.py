@@ -24,35 +24,60 @@ def _methods(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
 
+def _base(method: str) -> str:
+    """`salun@mask0.2` → `salun`: a variant shares its method's colour and is drawn hollow."""
+    return method.split("@", 1)[0]
+
+
 def _colors(plt, names):
-    cmap = plt.get_cmap("tab10")
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
+    """One colour per method (variants share it): tab10, tab20, or turbo sampled evenly beyond 20."""
+    bases = list(dict.fromkeys(map(_base, names)))
+    if len(bases) <= 20:
+        cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
+        palette = [cmap(i) for i in range(len(bases))]
+    else:
+        palette = [plt.get_cmap("turbo")(x) for x in np.linspace(0.03, 0.97, len(bases))]
+    by_base = dict(zip(bases, palette))
+    return {name: by_base[_base(name)] for name in names}
+
+
+def _style(colors, method: str) -> dict:
+    """Scatter style: filled for a method at its defaults, hollow (coloured edge) for a variant."""
+    if "@" in method:
+        return {"facecolors": "none", "edgecolors": colors[method], "linewidths": 1.4}
+    return {"color": colors[method], "edgecolors": "black", "linewidths": 0.4}
+
+
+GROUP_MARKERS = {"forget": "o", "retain": "s", "heldout": "^"}
 
 
 def plot_klom_per_group(rows: list[dict], path: Path, direction: str, n_models: int) -> None:
-    """One panel per forget set: KLoM 95th percentile per group, one bar per method; `retrain` = floor."""
+    """One panel per forget set, one line per method: KLoM 95th percentile of each group (F ●, R ■, H ▲),
+    hollow for a variant; the floor (`retrain`) as a dashed line per group. Scales to any number of methods."""
     plt = _pyplot()
     sets = list(dict.fromkeys(r["forget_set"] for r in rows))
     methods = _methods(rows)
     colors = _colors(plt, methods)
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets) + 1.5, 4.2), squeeze=False, sharey=True)
-    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.4 * len(sets) + 1.5, 1.2 + 0.27 * len(methods)),
+                             squeeze=False, sharey=True)
     for ax, fs in zip(axes[0], sets):
         by_method = {r["method"]: r for r in rows if r["forget_set"] == fs}
-        for j, m in enumerate(methods):
-            values = [by_method[m][f"klom95_{g}"] for g in GROUP_LABELS]
-            ax.bar(np.arange(3) + (j - (len(methods) - 1) / 2) * width, values, width, color=colors[m], label=m,
-                   hatch="//" if m == "retrain" else None, edgecolor="black", linewidth=0.4)
+        for y, m in enumerate(methods):
+            for g, marker in GROUP_MARKERS.items():
+                ax.scatter(by_method[m][f"klom95_{g}"], y, marker=marker, s=40, **_style(colors, m))
         if "retrain" in by_method:
-            for g, x in zip(GROUP_LABELS, range(3)):
-                ax.hlines(by_method["retrain"][f"klom95_{g}"], x - 0.45, x + 0.45, colors="black", linestyles="--",
-                          linewidth=0.8)
-        ax.set_xticks(range(3), list(GROUP_LABELS.values()))
+            for g, marker in GROUP_MARKERS.items():
+                ax.axvline(by_method["retrain"][f"klom95_{g}"], color="black", linestyle="--", linewidth=0.7)
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.invert_yaxis()
         ax.set_title(f"forget set {fs}")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("KLoM, 95th percentile over points")
-    axes[0][-1].legend(title="method (retrain = floor, dashed)", loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"KLoM against {n_models} oracles, KL({direction.replace('||', ' ‖ ')}); lower is better")
+        ax.set_xlabel("KLoM, 95th percentile over points")
+        ax.grid(axis="x", alpha=0.3)
+    for g, marker in GROUP_MARKERS.items():
+        axes[0][-1].scatter([], [], marker=marker, color="gray", label=GROUP_LABELS[g])
+    axes[0][-1].legend(title="group (dashed: the floor)", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    fig.suptitle(f"KLoM against {n_models} oracles, KL({direction.replace('||', ' ‖ ')}); lower is better, "
+                 "hollow = a variant")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -70,35 +95,45 @@ def plot_klom_vs_cost(rows: list[dict], path: Path) -> None:
     methods = _methods(rows)
     colors = _colors(plt, methods)
     markers = "osD^vP*X"
-    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(12, 4.8), sharey=True)
+    entries = len(methods) + len(sets)
+    columns = 1 + entries // 30
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(12 + 1.8 * columns, max(4.8, 1.2 + 0.16 * entries / columns)),
+                             sharey=True)
     for ax, (key, label) in zip(axes, COST_AXES.items()):
         positive = [r[key] for r in rows if r[key] > 0]
         floor_x = min(positive) / 10 if positive else 1e-3
         for i, fs in enumerate(sets):
             for r in (r for r in rows if r["forget_set"] == fs):
-                ax.scatter(max(r[key], floor_x), r["klom95_forget"], color=colors[r["method"]],
-                           marker=markers[i % len(markers)], s=55, edgecolor="black", linewidth=0.4)
+                ax.scatter(max(r[key], floor_x), r["klom95_forget"], marker=markers[i % len(markers)], s=55,
+                           **_style(colors, r["method"]))
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linestyle=":", linewidth=0.8)
         ax.set_xlabel(f"{label} (log; 0 drawn at {floor_x:.1g})")
         ax.grid(alpha=0.3)
     for m in methods:
-        axes[-1].scatter([], [], color=colors[m], label=m)
+        axes[-1].scatter([], [], marker="o", label=m, **_style(colors, m))
     for i, fs in enumerate(sets):
         axes[-1].scatter([], [], color="gray", marker=markers[i % len(markers)], label=f"set {fs}")
     axes[0].set_ylabel("KLoM on F, 95th percentile")
-    fig.suptitle("Forgetting quality vs compute (lower left is better; retrain at x = 1)")
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    fig.suptitle("Forgetting quality vs compute (lower left is better; retrain at x = 1; hollow = a variant)")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, ncol=columns)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+HISTOGRAM_COLUMNS = 8
+ALWAYS_SHOWN = ("nothing", "retrain", "dm-direct", "dmm", "om")
+
+
 def plot_margin_histograms(forget_set: str, oracle: np.ndarray, populations: dict[str, np.ndarray],
                            klom_values: dict[str, np.ndarray], points: np.ndarray, path: Path) -> None:
-    """Oracle vs unlearned margin histograms at a few forget points (rows) for every method (columns)."""
+    """Oracle vs unlearned margin histograms at a few forget points (rows) for up to HISTOGRAM_COLUMNS
+    methods (columns): the ones in `ALWAYS_SHOWN`, then the rest by their mean KLoM at those points."""
     plt = _pyplot()
-    names = list(populations)
+    shown = [m for m in populations if m in ALWAYS_SHOWN]
+    others = sorted((m for m in populations if m not in ALWAYS_SHOWN), key=lambda m: float(klom_values[m][points].mean()))
+    names = (shown + others)[:max(HISTOGRAM_COLUMNS, len(shown))]
     fig, axes = plt.subplots(len(points), len(names), figsize=(2.6 * len(names), 2.1 * len(points)),
                              squeeze=False)
     for i, x in enumerate(points):
@@ -114,7 +149,8 @@ def plot_margin_histograms(forget_set: str, oracle: np.ndarray, populations: dic
                 ax.set_xlabel("margin", fontsize=8)
         axes[i][0].set_ylabel("models", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Margins at forget points of {forget_set}: oracles (gray) vs each method (red)", fontsize=10)
+    fig.suptitle(f"Margins at forget points of {forget_set}: oracles (gray) vs each method (red); the methods "
+                 f"beyond {', '.join(shown)}: the {len(names) - len(shown)} of lowest KLoM there", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

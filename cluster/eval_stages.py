@@ -6,6 +6,9 @@
   S∖F (the oracles, and the independent second oracle set whose KLoM is the floor), trained together
   with the model-batched engine. Writes logits (N × P × k), the stacked states and the time per model;
   the floor also times one retrain with the one-model trainer (the cost unit of the report).
+- `records`: the originals of a training-time method (`amnesiac`, `sisa`), trained its way with the same
+  seeds, one model file each with its records beside it (`eval_methods.train_originals`); logits and
+  time per model as `population`, plus the bytes per model (file, sidecar and records).
 - `method`: one method applied to each of the N originals (`eval_methods.apply_method`).
 - `metrics`: KLoM per point and per group against the oracles, accuracy, MIA, U-LiRA, relearn time,
   weight distance from the originals, cost.
@@ -32,7 +35,7 @@ from matching.layer_distance import TOTAL, layer_distances
 from matching.mia import mia_entropy, mia_svc, ulira_auc
 from matching.relearn import relearn_steps
 
-from .eval_methods import apply_method, load_model_from_state
+from .eval_methods import apply_method, load_model_from_state, train_originals
 
 
 def _data(config: dict) -> Dataset:
@@ -108,6 +111,19 @@ def population_stage(config: dict, out: Path, inputs: dict) -> None:
     _write_json(out / "timing.json", timing)
 
 
+def records_stage(config: dict, out: Path, inputs: dict) -> None:
+    data = _data(config)
+    start = time.perf_counter()
+    logits, states = train_originals(config["method"], config["training"], config["model"], data,
+                                     Recipe.from_dict(config["recipe"]), config["seeds"], out)
+    n = len(config["seeds"])
+    timing = {"seconds_per_model": (time.perf_counter() - start) / n,
+              "bytes_per_model": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / n}
+    np.save(out / "logits.npy", logits)
+    _save_states(out / "states.safetensors", states)
+    _write_json(out / "timing.json", timing)
+
+
 def method_stage(config: dict, out: Path, inputs: dict) -> None:
     data = _data(config)
     oracle_mean = np.load(inputs["floor"] / "logits.npy").mean(axis=0) if "floor" in inputs else None
@@ -115,7 +131,7 @@ def method_stage(config: dict, out: Path, inputs: dict) -> None:
         config["method"], config["params"], config["model"], data, load_states(inputs["originals"]),
         np.load(inputs["originals"] / "logits.npy"), np.load(inputs["forget"] / "ids.npy"),
         store=_store(inputs) if "attribution" in inputs else None, attribution=config["source"],
-        oracle_mean_logits=oracle_mean)
+        oracle_mean_logits=oracle_mean, model_files=sorted(inputs["originals"].glob("model-*.safetensors")) or None)
     np.save(out / "logits.npy", logits)
     _save_states(out / "states.safetensors", states)
     _write_json(out / "timing.json", {**mean_stats(stats), "seconds_per_model": float(np.mean(seconds)),
@@ -210,4 +226,4 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
 
 
 STAGE_FUNCTIONS = {"attribution": attribution_stage, "forget": forget_stage, "population": population_stage,
-                   "method": method_stage, "metrics": metrics_stage}
+                   "records": records_stage, "method": method_stage, "metrics": metrics_stage}

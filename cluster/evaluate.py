@@ -2,6 +2,7 @@
 
 ```
 dataset ─┬─ originals (N seeds) ───────────────────────────────┐
+         ├─ originals[amnesiac|sisa …] (N seeds, with records) ┤
          ├─ attribution (reuse or estimate + fit the store) ─┬─ method(F) per method ─ metrics(F) ─ report
          ├─ forget(F) ─┬─ oracles(F, N) ─────────────────────┤
          │             └─ floor(F, N): retrain, the 2nd oracle set ┘
@@ -9,8 +10,11 @@ dataset ─┬─ originals (N seeds) ──────────────
 Seeds: the originals use seed + 0..N−1, the oracles seed + 10⁶ + 0..N−1, the floor (second,
 independent oracle set, the `retrain` method) seed + 2·10⁶ + 0..N−1. The originals and oracles use
 the store's model and recipe, so DM-Direct's datamodels describe them. OM matches the mean logits of
-the floor set and is judged against the first oracle set. Stage results are cached under
-`<out>/cache/` by content key (`cluster.dag`); the report is rewritten every run.
+the floor set and is judged against the first oracle set. A training-time method (`amnesiac`, `sisa`)
+unlearns its own originals, trained with the same seeds and its records (one `records` stage per
+method and training-time hyperparameters, shared by the forget sets), and is judged against the same
+oracles. Stage results are cached under `<out>/cache/` by content key (`cluster.dag`); the report is
+rewritten every run.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from attribution.recipes import Recipe, resolve_recipe
 from attribution.store import AttributionStore
 
 from .dag import Stage, is_done, run_dag, stage_paths
-from .eval_methods import base_method, method_needs
+from .eval_methods import base_method, method_needs, training_time
 from .eval_plots import plot_klom_per_group, plot_klom_vs_cost, plot_margin_histograms
 from .eval_report import result_row, write_margins, write_tables
 from .eval_spec import ExperimentSpec
@@ -100,8 +104,10 @@ def experiment_stages(spec: ExperimentSpec, out: Path, trust_code: bool = False)
             "format": STAGE_FORMAT}
     train = {**base, "recipe": attribution["recipe"]}
     n = spec.models
+    seeds = [spec.seed + i for i in range(n)]
     stages = [Stage("attribution", "attribution", attribution, num_cpus=0),
-              Stage("originals", "population", {**train, "seeds": [spec.seed + i for i in range(n)]})]
+              Stage("originals", "population", {**train, "seeds": seeds})]
+    records: dict[str, Stage] = {}  # the training-time methods' originals, one stage per (method, training)
     metrics_names = {}
     methods = dict(spec.methods)
     methods.setdefault("retrain", {})
@@ -118,25 +124,30 @@ def experiment_stages(spec: ExperimentSpec, out: Path, trust_code: bool = False)
                                 {**train, **extra, "seeds": [spec.seed + offset + i for i in range(n)]},
                                 {"forget": f"forget[{fs}]"}))
         for method, params in methods.items():
+            originals = "originals"
             if method == "retrain":
                 population = f"floor[{fs}]"
             else:
-                population = f"method[{fs}][{method}]"
-                needs = method_needs(base_method(method))
-                parents = {"originals": "originals", "forget": f"forget[{fs}]"}
+                population, kind = f"method[{fs}][{method}]", base_method(method)
+                needs, training = method_needs(kind), training_time(kind, params)
+                if training is not None:
+                    originals = f"originals[{kind} {json.dumps(training, sort_keys=True)}]"
+                    records[originals] = Stage(originals, "records",
+                                               {**train, "method": kind, "training": training, "seeds": seeds})
+                parents = {"originals": originals, "forget": f"forget[{fs}]"}
                 if "store" in needs:
                     parents["attribution"] = "attribution"
                 if "oracles" in needs:
                     parents["floor"] = f"floor[{fs}]"
-                stages.append(Stage(population, "method", {**base, "method": base_method(method), "params": params,
+                stages.append(Stage(population, "method", {**base, "method": kind, "params": params,
                                                            "source": spec.attribution.source}, parents))
             name = f"metrics[{fs}][{method}]"
             stages.append(Stage(name, "metrics", {**base, "method": method, "seed": spec.seed,
                                                   "metrics": spec.metrics.__dict__},
-                                {"population": population, "oracles": f"oracles[{fs}]", "originals": "originals",
+                                {"population": population, "oracles": f"oracles[{fs}]", "originals": originals,
                                  "forget": f"forget[{fs}]", "floor": f"floor[{fs}]"}))
             metrics_names[(fs, method)] = name
-    return stages, metrics_names
+    return stages + list(records.values()), metrics_names
 
 
 class PeakMemory:

@@ -13,8 +13,6 @@ from attribution.store import FIT_PREFIXES, AttributionStore, FitGroup
 from .errors import MatchingError
 from .inputs import forget_set, load_store_model, store_dataset
 
-ROW_BATCH = 256  # F rows summed per read, bounding memory at ROW_BATCH × n_points × k
-
 
 def fitted_group(store: AttributionStore, attribution: str) -> FitGroup:
     """The complete `datamodels/` or `trak/` group of the store; a one-line error otherwise."""
@@ -32,12 +30,7 @@ def fitted_group(store: AttributionStore, attribution: str) -> FitGroup:
 
 def forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:
     """Σ_{i∈F} β_{i,x,:} for every point x (train then held-out): float64 (n_points, k)."""
-    s = fit.store.spec
-    total = np.zeros((s.n_points, s.num_classes), dtype=np.float64)
-    forget_ids = np.asarray(forget_ids, dtype=np.int64)
-    for start in range(0, len(forget_ids), ROW_BATCH):
-        total += fit.read_weight_rows(forget_ids[start:start + ROW_BATCH]).sum(axis=0, dtype=np.float64)
-    return total
+    return fit.sum_weight_rows(forget_ids)
 
 
 def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "datamodels",

@@ -78,15 +78,16 @@ def read_ledger(store: AttributionStore) -> list[LedgerEntry]:
 
 def append_entry(store: AttributionStore, entry: LedgerEntry) -> None:
     """Write `entry` into slot entry.id − 1 (under `store_lock`, with id = len(read_ledger(store)) + 1)."""
-    if not store.has(LEDGER):
-        store.group.create_array(
-            LEDGER, shape=(0,), chunks=(1,), dtype=str, fill_value="", compressors=COMPRESSORS,
+    slot = entry.id - 1
+    if store.has(LEDGER):
+        arr = store.zarr_array(LEDGER)
+        if arr.shape[0] <= slot:
+            arr.resize((slot + 1,))
+    else:  # created with the first entry's slot (one metadata write fewer than creating it empty and growing it)
+        arr = store.group.create_array(
+            LEDGER, shape=(slot + 1,), chunks=(1,), dtype=str, fill_value="", compressors=COMPRESSORS,
             attributes=array_attrs(store.fingerprint, "deletion requests, one JSON object per chunk, append-only"),
         )
-    arr = store.zarr_array(LEDGER)
-    slot = entry.id - 1
-    if arr.shape[0] <= slot:
-        arr.resize((slot + 1,))
     arr[slot:slot + 1] = np.array([entry.to_json()], dtype=object)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from attribution.datasets import Dataset
 from attribution.evaluation import model_logits
 from attribution.recipes import Recipe
+from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
 from .direct import dm_direct_targets
@@ -41,6 +42,7 @@ class UnlearnTask:
     trust_code: bool = False      # consent to import a module:callable model that the oracle files name
     model_name: str | None = None  # how `model` was built and trained (retrain); default: the store's
     recipe: Recipe | None = None
+    model_path: str | None = None  # the file `model` was read from (amnesiac's update record sits beside it)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,18 @@ def get_method(name: str) -> UnlearnMethod:
     if name not in METHODS:
         raise MatchingError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_model_for(method: str, model: nn.Module, path) -> None:
+    """A SISA ensemble is unlearned by `sisa` only: any other method would train its stored slice checkpoints."""
+    if isinstance(model, SisaEnsemble) and method != "sisa":
+        raise MatchingError(f"model {path} is a SISA ensemble (`dmm train --sisa`); unlearn it with --method sisa")
+
+
+def unlearned_meta(meta: dict, unlearned: dict) -> dict:
+    """The sidecar of a method's output: the input's, plus `unlearned`, minus the input's update record
+    (`dmm train --record-updates`), which describes how the input was trained, not the output."""
+    return {**{k: v for k, v in meta.items() if k != "update_record"}, "unlearned": unlearned}
 
 
 def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlearned:

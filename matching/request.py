@@ -31,7 +31,7 @@ from .errors import MatchingError
 from .finetune import MatchingConfig
 from .inputs import forget_set, load_store_model, store_dataset
 from .ledger import LEDGER, LedgerEntry, append_entry, forgotten_ids, ids_sha256, read_ledger, store_lock
-from .methods import UnlearnTask, get_method
+from .methods import UnlearnTask, check_model_for, get_method, unlearned_meta
 
 DEFAULT_LOCK_TIMEOUT_S = 600.0
 ORIGINAL_PREFIX = "original"          # θ0's logits (AttributionStore.write_original_logits)
@@ -100,6 +100,7 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
     if out.resolve() == model_path.resolve():
         raise MatchingError(f"--out {out} is the input model; write the unlearned model to a new file")
     model, meta = load_store_model(model_path, store, data, trust_code=trust_code, device=device)
+    check_model_for(method, model, model_path)
     locked = time.perf_counter()
     with store_lock(store, lock_timeout) as still_held:
         entries = read_ledger(store)  # the ledger and θ0's logits are read afresh under the lock
@@ -112,7 +113,7 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
         union = np.union1d(before, new_ids)
         task = UnlearnTask(model=model, data=data, forget_ids=union, store=store, original_logits=original,
                            attribution=attribution, config=config, oracles=tuple(map(str, oracles)),
-                           trust_code=trust_code)
+                           trust_code=trust_code, model_path=str(model_path))
         method_start = time.perf_counter()
         unlearned = unlearn(task)
         method_s = time.perf_counter() - method_start
@@ -120,8 +121,8 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
         clock = {"open": locked - start, "checks": method_start - locked, "targets": method_s - finetune_s,
                  "finetune": finetune_s}
         request_id = len(entries) + 1
-        out_meta = {**meta, "unlearned": {"store": store.url, "request": request_id, "method": method,
-                                          "attribution": attribution, "n_forgotten": int(union.size)}}
+        out_meta = unlearned_meta(meta, {"store": store.url, "request": request_id, "method": method,
+                                          "attribution": attribution, "n_forgotten": int(union.size)})
         written = [ORIGINAL_PREFIX, LEDGER_PREFIX] if first else [LEDGER_PREFIX]
         with all_or_nothing(store, written, out, unlearned.model.state_dict(), out_meta) as output_sha256:
             entry = LedgerEntry(

@@ -191,3 +191,19 @@ def ray_head(ray_token):
     finally:
         stop_process_tree(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def training_ids(monkeypatch) -> list[set[int]]:
+    """The id set every training run of the test draws its minibatches from, in order (a spy on
+    `engine.epoch_permutations`, which every trainer calls): to check that no forgotten id is seen."""
+    import attribution.engine as engine
+
+    seen, real = [], engine.epoch_permutations
+
+    def recording(indices, epochs, order_seed):
+        seen.append(set(indices.tolist()))
+        return real(indices, epochs, order_seed)
+
+    monkeypatch.setattr(engine, "epoch_permutations", recording)
+    return seen

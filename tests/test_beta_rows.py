@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from attribution import trak
+from attribution import store_zarr, trak
 from attribution.fit_group import ROWS, write_row_copy
 from attribution.recipes import default_recipe
 from attribution.store import AttributionStore, StoreError
@@ -67,20 +67,26 @@ def copy_of(url: str, tmp_path: Path) -> str:
     return str(shutil.copytree(url, tmp_path / "s.zarr"))
 
 
-def keys_read(group, rows) -> tuple[np.ndarray, list[str]]:
-    """(read_weight_rows(rows), the keys of every object the call fetched from the store)."""
+def keys_read(group, rows, read: str = "read_weight_rows") -> tuple[np.ndarray, list[str]]:
+    """(group.<read>(rows), the keys of every object the call fetched from the store: through the store's
+    `get`, or read as a file of a local store by `store_zarr.fetch_objects`)."""
     store = group.weight.store_path.store
-    keys, get = [], store.get
+    keys, get, read_file = [], store.get, store_zarr._read_file
 
     async def counting_get(key, *args, **kwargs):
         keys.append(key)
         return await get(key, *args, **kwargs)
 
-    store.get = counting_get
+    def counting_read(path):
+        keys.append(path.relative_to(store.root).as_posix())
+        return read_file(path)
+
+    store.get, store_zarr._read_file = counting_get, counting_read
     try:
-        return group.read_weight_rows(rows), keys
+        return getattr(group, read)(rows), keys
     finally:
         del store.get
+        store_zarr._read_file = read_file
 
 
 def bits(array) -> bytes:
@@ -109,6 +115,31 @@ def test_a_request_reads_one_object_per_forget_row(prefix, request):
     assert got.tobytes() == np.asarray(group.weight.oindex[FORGET, :, :]).tobytes()
     assert len(keys) <= 2 * len(FORGET)
     assert sorted(keys) == sorted(f"{prefix}/{ROWS}/c/{i}/0/0" for i in FORGET)
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])  # a local path (files read directly), an fsspec URL
+@pytest.mark.parametrize("prefix", ["datamodels", "trak"])
+def test_the_forget_sum_decodes_one_object_per_row_and_equals_zarrs_sum(prefix, scheme, request):
+    """`sum_weight_rows` (DM-Direct's Σ_{i∈F} β_i) fetches the copy's objects itself: the same float64 sums as
+    summing Zarr's own read, one object per row; an empty F sums to zeros; a bad id is refused."""
+    url = request.getfixturevalue({"datamodels": "fitted", "trak": "scored"}[prefix])
+    group = AttributionStore.open(scheme + url).fit_group(prefix)
+    got, keys = keys_read(group, FORGET, "sum_weight_rows")
+    assert got.dtype == np.float64 and np.count_nonzero(got) > got.size // 2
+    assert got.tobytes() == np.asarray(group.weight.oindex[FORGET, :, :]).sum(axis=0, dtype=np.float64).tobytes()
+    assert sorted(keys) == sorted(f"{prefix}/{ROWS}/c/{i}/0/0" for i in FORGET)
+    assert not group.sum_weight_rows([]).any() and group.sum_weight_rows([]).shape == got.shape
+    with pytest.raises(StoreError, match=r"rows must be train indices in \[0, 300\)"):
+        group.sum_weight_rows([300])
+
+
+def test_without_a_complete_copy_the_forget_sum_reads_weight(fitted, tmp_path):
+    url = copy_of(fitted, tmp_path)
+    AttributionStore.open(url, "r+").zarr_array(f"datamodels/{ROWS}").attrs.update({"complete": False})
+    group = AttributionStore.open(url).fit_group("datamodels")
+    got, keys = keys_read(group, FORGET, "sum_weight_rows")
+    assert all(key.startswith("datamodels/weight/c/") for key in keys)
+    assert got.tobytes() == np.asarray(group.weight.oindex[FORGET, :, :]).sum(axis=0, dtype=np.float64).tobytes()
 
 
 def test_a_store_without_the_copy_reads_weight_and_a_rerun_adds_the_copy(fitted, tmp_path):

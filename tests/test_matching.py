@@ -11,7 +11,7 @@ from attribution.ids import IdsError
 import torch
 import zarr
 
-import matching.direct as direct
+import attribution.fit_group as fit_group
 import matching.methods as methods
 from attribution.checkpoint import file_sha256, load_model
 from attribution.evaluation import accuracy, model_logits
@@ -58,7 +58,7 @@ def test_dm_direct_is_theta0_minus_the_sum_of_forget_rows(tmp_path, monkeypatch,
     expected = original.astype(np.float64).copy()
     for i in forget:
         expected -= betas[attribution][i]
-    monkeypatch.setattr(direct, "ROW_BATCH", 3)  # two reads of F's rows
+    monkeypatch.setattr(fit_group, "ROW_BATCH", 3)  # two reads of F's rows
     np.testing.assert_allclose(dm_direct_targets(store, forget, attribution), expected, rtol=1e-5, atol=1e-5)
     other = original + 1
     np.testing.assert_allclose(dm_direct_targets(store, forget, attribution, original_logits=other),

@@ -39,11 +39,16 @@ def gradient_ascent(task: StackedTask) -> StackedResult:
     return run(task, [Step((CE(idx, y[idx], -1.0),)) for batches in epochs for idx in batches])
 
 
-@register_stacked("neggrad+", NegGradPlusConfig)
-def neggrad_plus(task: StackedTask) -> StackedResult:
-    """NegGrad+: α·CE on S∖F − (1−α)·CE on F, one retain and one forget minibatch a step."""
+def neggrad_plus_steps(task: StackedTask) -> list[Step]:
+    """α·CE on S∖F − (1−α)·CE on F, one retain and one forget minibatch a step, `epochs` passes over S∖F."""
     y, c = task.data.y_train, task.config
     retain = [idx for batches in epoch_batches(task.retain_ids(), c.epochs, c.batch_size, task.seeds, RETAIN)
               for idx in batches]
     forget = cycled_batches(task.forget_ids, len(retain), c.batch_size, task.seeds, FORGET)
-    return run(task, [Step((CE(r, y[r], c.alpha), CE(f, y[f], c.alpha - 1))) for r, f in zip(retain, forget)])
+    return [Step((CE(r, y[r], c.alpha), CE(f, y[f], c.alpha - 1))) for r, f in zip(retain, forget)]
+
+
+@register_stacked("neggrad+", NegGradPlusConfig)
+def neggrad_plus(task: StackedTask) -> StackedResult:
+    """NegGrad+: α·CE on S∖F − (1−α)·CE on F, one retain and one forget minibatch a step."""
+    return run(task, neggrad_plus_steps(task))

@@ -6,6 +6,7 @@ one-line `BaselineConfigError` naming the field and a value that works.
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import ClassVar
 
 from matching.errors import MatchingError
 
@@ -35,6 +36,7 @@ def require(ok: bool, message: str) -> None:
 class SGDConfig:
     """SGD with momentum and coupled weight decay (as `torch.optim.SGD`) at a constant learning rate,
     `epochs` passes over the method's data; model n of a stack draws its random choices from seed + n."""
+    min_epochs: ClassVar[int] = 1
     lr: float = hp(0.01, "SGD learning rate")
     epochs: int = hp(5, "passes over the method's data")
     batch_size: int = hp(64, "minibatch size")
@@ -44,7 +46,7 @@ class SGDConfig:
 
     def __post_init__(self):
         require(self.lr > 0, f"lr {self.lr} must be > 0; e.g. --set lr=0.01")
-        require(self.epochs >= 1, f"epochs {self.epochs} must be >= 1; e.g. --set epochs=5")
+        require(self.epochs >= self.min_epochs, f"epochs {self.epochs} must be >= {self.min_epochs}; e.g. --set epochs=5")
         require(self.batch_size >= 1, f"batch_size {self.batch_size} must be >= 1; e.g. --set batch_size=64")
         require(0 <= self.momentum < 1, f"momentum {self.momentum} must lie in [0, 1); e.g. --set momentum=0.9")
         require(self.weight_decay >= 0, f"weight_decay {self.weight_decay} must be >= 0; use 0 for none")

@@ -3,12 +3,14 @@
 A method is a plan: a list of steps, each a signed sum of loss terms on minibatches of training ids
 (one (N, b) index tensor per term: model n uses row n), optionally plus an ℓ1 penalty. `descend`
 takes the steps with SGD (`attribution.engine.StackedOptimizer`, i.e. `torch.optim.SGD` on stacked
-tensors) on a copy of the stack. Parameters outside `trainable` never move; a partly trainable
-tensor's frozen entries are put back after every step, so weight decay and momentum cannot move them.
+tensors) on a copy of the stack, with the gradients of `ModelStack.gradient_function` (backpropagated by
+hand through a linear chain, as the engine trains). Parameters outside `trainable` never move; a partly
+trainable tensor's frozen entries are put back after every step, so weight decay and momentum cannot move them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -94,6 +96,17 @@ def sample_grads(steps: list[Step]) -> int:
     return sum(idx.shape[1] for s in steps for idx in s.inputs())
 
 
+def step_loss(step: Step, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step's loss Σ_n Σ_terms as a function of the logits (N, b, k) of its inputs concatenated along b."""
+    inputs, terms = step.inputs(), [t.to(device) for t in step.terms]
+    part = {id(i): n for n, i in enumerate(inputs)}
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        parts = logits.split([i.shape[1] for i in inputs], dim=1)
+        return sum(t.loss(parts[part[id(s.idx)]]).sum() for t, s in zip(terms, step.terms))
+    return loss
+
+
 def descend(stack: ModelStack, x: torch.Tensor, steps: list[Step], config: SGDConfig,
             trainable: dict[str, torch.Tensor | None] | None = None) -> ModelStack:
     """Take `steps` with SGD on a copy of `stack` (inputs x: all training points); returns the copy.
@@ -105,29 +118,26 @@ def descend(stack: ModelStack, x: torch.Tensor, steps: list[Step], config: SGDCo
     out = stack.copy()
     trainable = {k: None for k in out.params} if trainable is None else trainable
     names = [k for k in out.params if k in trainable]
-    tensors = [out.params[k].requires_grad_(True) for k in names]
-    masks = {i: trainable[k] for i, k in enumerate(names) if trainable[k] is not None}
-    anchors = {i: tensors[i].detach().clone() for i in masks}
+    tensors = [out.params[k] for k in names]
+    masks = {i: trainable[k].to(out.device) for i, k in enumerate(names) if trainable[k] is not None}
+    anchors = {i: tensors[i].clone() for i in masks}
     recipe = Recipe(optimizer="sgd", lr=config.lr, momentum=config.momentum, nesterov=False,
                     weight_decay=config.weight_decay, schedule="constant", epochs=config.epochs)
     opt = StackedOptimizer(tensors, recipe)
     lr = torch.full((out.size,), config.lr, device=out.device)
     active = torch.ones(out.size, dtype=torch.bool, device=out.device)
     _set_modes(out, set(names))
+    gradients = out.gradient_function(names)
     x = x.to(out.device)
     for step in steps:
-        inputs = step.inputs()
-        idx = torch.cat(inputs, dim=1).to(out.device)
-        logits = out.forward(x[idx.flatten()].view(*idx.shape, *x.shape[1:]))
-        of = dict(zip(map(id, inputs), logits.split([i.shape[1] for i in inputs], dim=1)))
-        loss = sum(t.to(out.device).loss(of[id(t.idx)]).sum() for t in step.terms)
-        if step.l1:
-            loss = loss + step.l1 * sum(p.abs().sum() for p in tensors)
-        grads = list(torch.autograd.grad(loss, tensors))
-        opt.step(grads, lr, active)
+        idx = torch.cat(step.inputs(), dim=1).to(out.device)
+        grads = gradients(x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:]), step_loss(step, out.device))
         with torch.no_grad():
+            if step.l1:  # ∂(l1 · ‖θ‖₁) = l1 · sign(θ)
+                torch._foreach_add_(grads, torch._foreach_sign(tensors), alpha=step.l1)
+            opt.step(grads, lr, active)
             for i, mask in masks.items():
-                tensors[i].copy_(torch.where(mask, tensors[i], anchors[i]))
+                torch.where(mask, tensors[i], anchors[i], out=tensors[i])
     for k in names:
         out.params[k] = out.params[k].detach()
     out.base.eval()

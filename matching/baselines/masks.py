@@ -10,20 +10,26 @@ from ..errors import MatchingError
 from .stack import ModelStack
 
 
-def saliency_mask(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, fraction: float) -> dict[str, torch.Tensor]:
-    """SalUn's weight saliency (Fan et al., ICLR 2024, eq. 6): m = 1[|∇_θ ℓ_CE(θ0; F)| ≥ γ] with γ the
-    threshold that keeps the top `fraction` of all weights of each model.
-    x, y: F's inputs and labels; the gradient is taken in eval mode, as SalUn's `generate_mask`."""
+def forget_gradients(stack: ModelStack, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∇_θ Σ_{i∈F} ℓ_CE(θ0; x_i, y_i) of every model (name → (N, …)); x, y: F's inputs and labels.
+    Taken in eval mode, as SalUn's `generate_mask` and DEL's localisation."""
     stack.base.eval()
     params = {k: v.detach().requires_grad_(True) for k, v in stack.params.items()}
     logits = ModelStack(stack.base, params, stack.buffers).forward(x.expand(stack.size, *x.shape))
     ce = cross_entropy_per_sample(logits.flatten(0, 1), y.repeat(stack.size), 0.0)
-    grads = torch.autograd.grad(ce.sum(), list(params.values()))
-    saliency = torch.cat([g.abs().flatten(1) for g in grads], dim=1)
+    return dict(zip(params, torch.autograd.grad(ce.sum(), list(params.values()))))
+
+
+def saliency_mask(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, fraction: float) -> dict[str, torch.Tensor]:
+    """SalUn's weight saliency (Fan et al., ICLR 2024, eq. 6): m = 1[|∇_θ ℓ_CE(θ0; F)| ≥ γ] with γ the
+    threshold that keeps the top `fraction` of all weights of each model (DEL's SalLoc at its budget).
+    x, y: F's inputs and labels."""
+    grads = forget_gradients(stack, x, y)
+    saliency = torch.cat([g.abs().flatten(1) for g in grads.values()], dim=1)
     keep = torch.zeros_like(saliency, dtype=torch.bool)
     keep.scatter_(1, saliency.topk(round(fraction * saliency.shape[1]), dim=1).indices, True)
-    sizes = [g[0].numel() for g in grads]
-    return {k: m.view_as(v) for (k, v), m in zip(params.items(), keep.split(sizes, dim=1))}
+    sizes = [g[0].numel() for g in grads.values()]
+    return {k: m.view_as(g) for (k, g), m in zip(grads.items(), keep.split(sizes, dim=1))}
 
 
 def blocks(stack: ModelStack) -> list[list[str]]:

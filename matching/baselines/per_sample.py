@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from attribution.engine import cross_entropy_per_sample
-from attribution.grouped_mlp import linear_chain
+from attribution.grouped_mlp import GroupedMLP, linear_chain
 
 from .stack import ModelStack
 
@@ -83,48 +82,56 @@ class SampleGradients:
 
 
 class ChainGradients:
-    """G of the points `idx` (N, m) for a linear chain, held as its factors a_j, δ_j per layer."""
+    """G of the points `idx` (N, m) for a linear chain, held as its factors a_j, δ_j per layer, feature-major
+    (a: (N, in, m), δ: (N, out, m)). Points shared by every model (all rows of idx equal, as SSD's) keep the
+    first layer's input once, a: (in, m), so that its products are one matmul over all models."""
 
     def __init__(self, stack: ModelStack, layers: list[str], x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         self.stack, self.layers, self.computed = stack, layers, idx.shape[1]
-        params = {k: v.detach().requires_grad_(True) for k, v in stack.params.items()}
         idx = idx.to(stack.device)
-        h, self.inputs, outputs = x.to(stack.device)[idx].flatten(2), [], []
-        for i, name in enumerate(layers):
-            self.inputs.append(h)
-            outputs.append(torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h,
-                                         params[f"{name}.weight"].transpose(1, 2)))
-            h = torch.relu(outputs[-1]) if i < len(layers) - 1 else outputs[-1]
-        ce = cross_entropy_per_sample(h.flatten(0, 1), y.to(stack.device)[idx].flatten(), 0.0)
-        self.deltas = [d.detach() for d in torch.autograd.grad(ce.sum(), outputs)]
-        self.inputs = [a.detach() for a in self.inputs]
+        shared = bool((idx == idx[:1]).all())
+        points = idx[0] if shared else idx
+        chain = GroupedMLP({k: v.detach() for k, v in stack.params.items()}, layers)
+        *self.inputs, z = chain.forward(x.to(stack.device)[points], shared=shared)
+        delta = torch.softmax(z, dim=1)  # ∂CE_j/∂z_j = softmax(z_j) − onehot(y_j)
+        delta.scatter_add_(1, y.to(stack.device)[idx].unsqueeze(1), -torch.ones_like(delta[:, :1]))
+        self.deltas = [delta]
+        for layer in range(len(layers) - 1, 0, -1):  # δ_{l-1} = W_lᵀ δ_l ⊙ [z_{l-1} > 0]
+            weight = chain.weights[layer].transpose(1, 2)
+            self.deltas.insert(0, torch.ops.aten.threshold_backward(torch.bmm(weight, self.deltas[0]),
+                                                                    self.inputs[layer], 0))
 
     def _flat(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([parts[k].flatten(1) for k in self.stack.params], dim=1)
 
+    def _layers(self):
+        """(name, a (N, in, m) or shared (in, m), δ (N, out, m)) per layer."""
+        return zip(self.layers, self.inputs, self.deltas)
+
     def squares(self) -> torch.Tensor:
         parts = {}
-        for name, a, d in zip(self.layers, self.inputs, self.deltas):
-            parts[f"{name}.weight"] = torch.bmm(d.square().transpose(1, 2), a.square())
-            parts[f"{name}.bias"] = d.square().sum(1)
+        for name, a, d in self._layers():
+            parts[f"{name}.weight"] = torch.matmul(d.square(), a.square().transpose(-1, -2))
+            parts[f"{name}.bias"] = d.square().sum(2)
         return self._flat(parts)
 
     def gram(self) -> torch.Tensor:
-        return sum(torch.bmm(d, d.transpose(1, 2)) * (torch.bmm(a, a.transpose(1, 2)) + 1)
-                   for a, d in zip(self.inputs, self.deltas))
+        out = 0
+        for _, a, d in self._layers():  # in place: the m × m products of a stack are large
+            out = torch.bmm(d.transpose(1, 2), d).mul_(torch.matmul(a.transpose(-1, -2), a).add_(1)).add_(out)
+        return out
 
     def times(self, v: torch.Tensor) -> torch.Tensor:
         p = unflatten(self.stack, v)
-        return sum((d * torch.bmm(a, p[f"{name}.weight"].transpose(1, 2))).sum(2)
-                   + torch.bmm(d, p[f"{name}.bias"].unsqueeze(2)).squeeze(2)
-                   for name, a, d in zip(self.layers, self.inputs, self.deltas))
+        return sum((d * (torch.matmul(p[f"{name}.weight"], a) + p[f"{name}.bias"].unsqueeze(2))).sum(1)
+                   for name, a, d in self._layers())
 
     def transpose_times(self, c: torch.Tensor) -> torch.Tensor:
         parts = {}
-        for name, a, d in zip(self.layers, self.inputs, self.deltas):
-            dc = d * c.unsqueeze(2)
-            parts[f"{name}.weight"] = torch.bmm(dc.transpose(1, 2), a)
-            parts[f"{name}.bias"] = dc.sum(1)
+        for name, a, d in self._layers():
+            dc = d * c.unsqueeze(1)
+            parts[f"{name}.weight"] = torch.matmul(dc, a.transpose(-1, -2))
+            parts[f"{name}.bias"] = dc.sum(2)
         return self._flat(parts)
 
 
@@ -132,6 +139,19 @@ def gradients(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, idx: torch.Te
     """G of the points idx (N, m): factored for a linear chain, else in chunks (the same products)."""
     layers = linear_chain(stack.base)
     return SampleGradients(stack, x, y, idx) if layers is None else ChainGradients(stack, layers, x, y, idx)
+
+
+def squares(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, ids) -> torch.Tensor:
+    """Σ_{j∈ids} g_j² (N, P) over points every model shares: for a chain a chunk of points at a time, each
+    chunk's factors (N · Σ_l (in_l + out_l) floats a point) within `CHUNK_FLOATS`."""
+    layers = linear_chain(stack.base)
+    if layers is None:  # SampleGradients holds its own chunks
+        return gradients(stack, x, y, shared_points(ids, stack.size)).squares()
+    width = sum(sum(stack.params[f"{name}.weight"].shape[1:]) for name in layers)
+    step = max(1, CHUNK_FLOATS // (stack.size * width))
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    return sum(ChainGradients(stack, layers, x, y, shared_points(ids[s:s + step], stack.size)).squares()
+               for s in range(0, len(ids), step))
 
 
 def shared_points(ids, n_models: int) -> torch.Tensor:

@@ -34,8 +34,13 @@ def stacked_task(task: UnlearnTask) -> StackedTask:
     """The one-model task as a stack of N = 1; model name and recipe default to the store's."""
     if task.oracles:
         raise MatchingError("--oracles is for --method om; drop it")
-    spec = task.store.spec if task.store is not None else None
-    model_name = task.model_name or (spec.model if spec else None)
-    recipe = task.recipe or (Recipe.from_dict(spec.recipe) if spec else None)
+    model_name, recipe = training_of(task)
     return StackedTask(ModelStack.of([task.model]), task.data, task.forget_ids, task.config, (task.config.seed,),
                        model_name, recipe)
+
+
+def training_of(task: UnlearnTask) -> tuple[str | None, Recipe | None]:
+    """(model name, recipe) task.model was built and trained with: the task's, else the store's."""
+    spec = task.store.spec if task.store is not None else None
+    return (task.model_name or (spec.model if spec else None),
+            task.recipe or (Recipe.from_dict(spec.recipe) if spec else None))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import hp, require
-from .per_sample import flatten, gradients, shared_points, unflatten
+from .per_sample import flatten, squares, unflatten
 from .registry import register_stacked
 from .stack import ModelStack, StackedResult, StackedTask
 
@@ -39,7 +39,7 @@ class SSDConfig:
 
 def diagonal_fisher(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
     """[]_D (N, P): the mean over the points `ids` of the squared per-point gradients of CE."""
-    return gradients(stack, x, y, shared_points(ids, stack.size)).squares() / len(ids)
+    return squares(stack, x, y, ids) / len(ids)
 
 
 def dampen(theta: torch.Tensor, forget: torch.Tensor, full: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:

@@ -3,14 +3,17 @@ holds them: a method written over a `ModelStack` runs on N models in one vectori
 model is the case N = 1.
 
 The forward pass is a chain of batched matmuls for a Flatten → Linear → ReLU → … → Linear model
-(`attribution.grouped_mlp.linear_chain`; several times cheaper than vmap on a CPU) and `vmap(functional_call)` over
-the model axis for any other; autograd takes the gradients of both. A model with BatchNorm cannot be
-vmapped in training mode, so its stacks hold one model (`apply_method` then loops over the models).
+(`attribution.grouped_mlp.linear_chain`; several times cheaper than vmap on a CPU) and `vmap(functional_call)`
+over the model axis for any other. A training step's gradients (`gradient_function`) are backpropagated by
+hand through a chain, as the engine trains it (`GroupedMLP.backward`), and by autograd through any other
+model. A model with BatchNorm cannot be vmapped in training mode, so its stacks hold one model
+(`apply_method` then loops over the models).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,8 +48,9 @@ class ModelStack:
         return next(iter(self.params.values())).device
 
     def copy(self) -> "ModelStack":
-        """An independent copy (the tensors cloned, the structure shared)."""
-        return ModelStack(self.base, {k: v.detach().clone() for k, v in self.params.items()},
+        """An independent copy (the tensors cloned contiguous, the structure shared)."""
+        return ModelStack(self.base, {k: v.detach().clone(memory_format=torch.contiguous_format)
+                                      for k, v in self.params.items()},
                           {k: v.clone() for k, v in self.buffers.items()})
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -71,6 +75,28 @@ class ModelStack:
                                               {k: v[0] for k, v in self.buffers.items()}), (x[0],))
             return one.unsqueeze(0)
         return vmap(lambda p, b, xb: functional_call(self.base, (p, b), (xb,)))(self.params, self.buffers, x)
+
+    def gradient_function(self, names: list[str]) -> Callable:
+        """grads(x, loss) -> [∂loss(logits)/∂θ_k for k in `names`], logits (N, b, k) = `forward(x)` in the
+        base's mode and loss a scalar function of them. A linear chain is backpropagated by hand
+        (`GroupedMLP.backward`, only down to the lowest layer in `names`; autograd takes ∂loss/∂logits) on
+        views of the stack's tensors (contiguous, as `copy` makes them), so it sees their in-place updates;
+        any other model by autograd through `forward` (the named parameters are made to require grad)."""
+        layers = linear_chain(self.base)
+        if layers is None:
+            tensors = [self.params[k].requires_grad_(True) for k in names]
+            return lambda x, loss: list(torch.autograd.grad(loss(self.forward(x)), tensors))
+        chain = GroupedMLP(self.params, layers)
+        first = min(layers.index(k.rsplit(".", 1)[0]) for k in names)
+        order = [f"{n}.weight" for n in layers[first:]] + [f"{n}.bias" for n in layers[first:]]
+        pick = [(order.index(k), self.params[k].shape) for k in names]
+
+        def grads(x: torch.Tensor, loss: Callable) -> list[torch.Tensor]:
+            *h, z = chain.forward(x)
+            (grad_z,) = torch.autograd.grad(loss(z.requires_grad_(True).transpose(1, 2)), z)
+            out = chain.backward(h, grad_z, first)
+            return [out[i].view(shape) for i, shape in pick]
+        return grads
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, P, k) of every model in eval mode on the shared inputs x (P, ...), no autograd."""

@@ -30,15 +30,16 @@ def _base(method: str) -> str:
 
 
 def _colors(plt, names):
-    """One colour per method (variants share it): tab10, tab20, or turbo sampled evenly beyond 20."""
-    bases = list(dict.fromkeys(map(_base, names)))
-    if len(bases) <= 20:
-        cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
-        palette = [cmap(i) for i in range(len(bases))]
+    """One colour per name while 20 colours suffice, else one per method (its variants share it): tab10,
+    tab20, or turbo sampled evenly beyond 20."""
+    keys = list(dict.fromkeys(names if len(names) <= 20 else map(_base, names)))
+    if len(keys) <= 20:
+        cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+        palette = [cmap(i) for i in range(len(keys))]
     else:
-        palette = [plt.get_cmap("turbo")(x) for x in np.linspace(0.03, 0.97, len(bases))]
-    by_base = dict(zip(bases, palette))
-    return {name: by_base[_base(name)] for name in names}
+        palette = [plt.get_cmap("turbo")(x) for x in np.linspace(0.03, 0.97, len(keys))]
+    by_key = dict(zip(keys, palette))
+    return {name: by_key[name] if name in by_key else by_key[_base(name)] for name in names}
 
 
 def _style(colors, method: str) -> dict:

@@ -41,9 +41,10 @@ def fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels, *,
 
     masks_fit (m, n) bool and logits_fit (m, t, k): fitting models; masks_lds (H, n), logits_lds (H, t, k):
     held-out models for the LDS; labels (t,): the targets' classes (for the margin LDS).
-    `solver` passes tol / max_iter / min_ratio / patience on to `lasso.fit_datamodels`.
+    `solver` passes tol / max_iter / min_ratio / patience / design / device on to `lasso.fit_datamodels`
+    (masks stay bool: the solver widens them a row block at a time).
     """
-    masks_fit = np.asarray(masks_fit, dtype=np.float32)
+    masks_fit = np.asarray(masks_fit)
     logits_fit = np.asarray(logits_fit, dtype=np.float32)
     m, t, k = logits_fit.shape
     train, val = validation_split(m, val_fraction)

@@ -5,11 +5,13 @@ attribution store records, so a store can never be reused with other data.
 
 Loading never writes user files and touches the network only with `download=True`, which only a
 dataset the user named (`--dataset`) gets: a name read from a model sidecar or a store loads what is
-already on disk (an `npz:` path is only read, and only if it is a regular file).
+already on disk (an `npz:` path is only read, and only if it is a regular file; an `npy:` directory's
+shards are only memory-mapped read-only). The file formats are in `dataset_files`.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import tarfile
@@ -19,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .errors import DmmError
 
-
-class DatasetError(DmmError):
-    """A dataset name or file that cannot be loaded; the message names the fix."""
+from . import dataset_files
+from .dataset_files import DatasetError, channel_table, images_to_float  # DatasetError: raised by both
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def fingerprint_arrays(x_train, y_train, x_test, y_test) -> str:
     for part, arr in zip(("x_train", "y_train", "x_test", "y_test"), (x_train, y_train, x_test, y_test)):
         arr = np.ascontiguousarray(arr)
         h.update(f"{part}:{arr.dtype.str}:{arr.shape}".encode())
-        h.update(arr.tobytes())
+        h.update(arr.data)  # the bytes in place: no copy of a large input
     return h.hexdigest()
 
 
@@ -95,7 +95,8 @@ def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Da
     if len(x_train) == 0 or len(x_test) == 0:
         raise DatasetError(f"{name}: empty train or test split; give at least one point in each")
     for part, arr in (("x_train", x_train), ("x_test", x_test)):
-        if not np.isfinite(arr).all():
+        step = max(1, dataset_files.CHUNK_ELEMENTS // max(1, math.prod(arr.shape[1:])))  # bounded temporaries
+        if not all(np.isfinite(arr[i:i + step]).all() for i in range(0, len(arr), step)):
             raise DatasetError(f"{name}: {part} has NaN or infinite values; clean the inputs")
     labels = np.concatenate([y_train, y_test])
     if labels.min() < 0:
@@ -194,45 +195,30 @@ def read_cifar10_archive(path: Path) -> Dataset:
             parts = [batch(tar, members[n]) for n in names]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DatasetError(f"cifar10: cannot read {path} ({e}); use the official cifar-10-python.tar.gz") from None
-    x_tr = np.concatenate([p[0] for p in parts[:5]])
+    table = channel_table(CIFAR10_MEAN, CIFAR10_STD)  # (x/255 − mean)/std per channel, as float32
+    x_tr = images_to_float([p[0] for p in parts[:5]], "NCHW", table)
     y_tr = np.concatenate([p[1] for p in parts[:5]])
-    x_te, y_te = parts[5]
-
-    def normalise(x):
-        return (x.astype(np.float32) / 255.0 - CIFAR10_MEAN[:, None, None]) / CIFAR10_STD[:, None, None]
-
-    return make_dataset("cifar10", normalise(x_tr), y_tr, normalise(x_te), y_te, num_classes=10)
+    return make_dataset("cifar10", x_tr, y_tr, images_to_float([parts[5][0]], "NCHW", table), parts[5][1],
+                        num_classes=10)
 
 
 def load_cifar10_dataset(download: bool = False) -> Dataset:
     """CIFAR-10 from its archive in $DMM_DATA (default ~/.cache/dmm-pipeline); fetched there if `download`."""
     root = Path(os.environ.get("DMM_DATA", Path.home() / ".cache" / "dmm-pipeline"))
-    return read_cifar10_archive(cifar10_archive(root, download=download))
+    return read_cifar10_archive(cifar10_archive(root, md5=CIFAR10_MD5, download=download))
 
 
 def load_npz_dataset(path: str) -> Dataset:
     """User arrays in an .npz file with keys x_train, y_train, x_test, y_test (read only, never pickled)."""
-    if not Path(path).is_file():
-        raise DatasetError(f"npz:{path} is not a file; give the path of an .npz written by numpy.savez")
-    try:
-        f = np.load(path, allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise DatasetError(f"npz:{path} is a single array, not an .npz archive; save x_train, "
-                               "y_train, x_test, y_test with numpy.savez")
-        with f:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
-            if missing:
-                raise DatasetError(f"npz:{path} lacks {', '.join(missing)}; save x_train, y_train, x_test, y_test")
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except DatasetError:
-        raise
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"npz:{path} cannot be read ({e}); give an .npz written by numpy.savez") from None
-    for k in ("y_train", "y_test"):
-        y = arrays[k]
-        if y.ndim != 1 or y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0)):
-            raise DatasetError(f"npz:{path}: {k} must be a 1-D array of integer class ids")
-    return make_dataset(f"npz:{path}", **arrays)
+    return make_dataset(f"npz:{path}", **dataset_files.read_npz(path))
+
+
+def load_npy_dataset(path: str) -> Dataset:
+    """User arrays in a directory of numbered .npy shards x_train_000.npy, y_train_000.npy, ... (memory-mapped)."""
+    return make_dataset(f"npy:{path}", **dataset_files.read_npy_dir(path))
+
+
+FILE_FORMATS = {"npz:": load_npz_dataset, "npy:": load_npy_dataset}  # prefix → loader of the path after it
 
 
 # every loader takes `download`: whether a missing file may be fetched from the network
@@ -247,19 +233,19 @@ DEFAULT_DATASET = "digits"
 
 
 def check_dataset_name(name: str) -> None:
-    """Refuse a name that is neither registered nor `npz:PATH`, before anything is loaded."""
-    if not name.startswith("npz:") and name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or npz:PATH")
+    """Refuse a name that is neither registered nor `npz:PATH` / `npy:DIR`, before anything is loaded."""
+    if name[:4] not in FILE_FORMATS and name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, npz:PATH or npy:DIR")
 
 
 def load_dataset(name: str = DEFAULT_DATASET, download: bool = False) -> Dataset:
-    """`digits` (default), `mnist1d`, `cifar10`, or `npz:PATH`. Treat the tensors as read-only.
+    """`digits` (default), `mnist1d`, `cifar10`, `npz:PATH` or `npy:DIR`. Treat the tensors as read-only.
 
     `download=True` (only for a dataset the user named) lets a missing CIFAR-10 archive be fetched.
     """
     check_dataset_name(name)
-    if name.startswith("npz:"):
-        return load_npz_dataset(name[4:])
+    if name[:4] in FILE_FORMATS:  # files are read on every call: they may change on disk
+        return FILE_FORMATS[name[:4]](name[4:])
     if name not in _LOADED:
         _LOADED[name] = DATASETS[name](download=download)
     return _LOADED[name]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -49,9 +49,10 @@ def fit_group_attrs(store: "AttributionStore", prefix: str) -> dict | None:
 def open_fit_group(store: "AttributionStore", prefix: str) -> "FitGroup":
     """Open an existing ``datamodels``/``trak`` group (StoreError if absent)."""
     _check_prefix(prefix)
-    if fit_group_attrs(store, prefix) is None:
+    attrs = fit_group_attrs(store, prefix)
+    if attrs is None:
         raise StoreError(f"no {prefix} group in store {store.url}; fix: run the fit stage first")
-    return FitGroup(store, prefix)
+    return FitGroup(store, prefix, attrs)
 
 
 def refuse_other_settings(store: "AttributionStore", prefix: str, settings: dict, fix: str) -> None:
@@ -149,20 +150,19 @@ class FitGroup:
     DM-Direct reads a few rows over all targets with :meth:`read_weight_rows`.
     """
 
-    def __init__(self, store: "AttributionStore", prefix: str) -> None:
+    def __init__(self, store: "AttributionStore", prefix: str, attrs: dict | None = None) -> None:
         self.store = store
         self.prefix = prefix
-        g = store.group[prefix]
-        self.attrs = dict(g.attrs)
+        self.attrs = dict(store.group[prefix].attrs) if attrs is None else attrs  # the group's, as just read
         self.target_chunk = int(self.attrs["target_chunk"])
         self.row_chunk = int(self.attrs["row_chunk"])
         self.config = self.attrs.get("config", {})
-        self.done = store.zarr_array(f"{prefix}/done")
-        self.num_chunks = self.done.shape[0]
+        self.num_chunks = math.ceil(store.spec.n_points / self.target_chunk)  # as create_fit_group sizes ``done``
         self.weight_rows = self.row_copy()
 
-    # opened on first use: a request reads only ``done`` and ``weight_rows`` (each opening reads metadata)
-    weight, bias, lam, lds, lds_margin = map(_opened_on_first_use, ("weight", "bias", "lam", "lds", "lds_margin"))
+    # opened on first use: a request reads only ``weight_rows`` (each opening reads metadata)
+    done, weight, bias, lam, lds, lds_margin = map(_opened_on_first_use,
+                                                   ("done", "weight", "bias", "lam", "lds", "lds_margin"))
 
     def row_copy(self) -> zarr.Array | None:
         """``weight_rows`` if the store holds it complete now, else None (absent, half-written or stale)."""
@@ -256,22 +256,31 @@ class FitGroup:
         s = self.store.spec
         total = np.zeros((s.n_points, s.num_classes), dtype=np.float64)
         for start in range(0, len(rows), ROW_BATCH):  # (an empty F sums to zeros)
-            total += self._rows_for_sum(rows[start:start + ROW_BATCH]).sum(axis=0, dtype=np.float64)
+            batch = np.zeros_like(total)
+            for row in self._rows_for_sum(rows[start:start + ROW_BATCH]):
+                batch += row  # in order, as `.sum(axis=0, dtype=np.float64)` of the batch adds
+            total += batch
         return total
 
-    def _rows_for_sum(self, rows: np.ndarray) -> np.ndarray:
+    def _rows_for_sum(self, rows: np.ndarray) -> Iterable[np.ndarray]:
         arr = self.weight_rows
         if arr is None or tuple(arr.metadata.codecs) != ROW_CODECS or arr.chunks != (1, *arr.shape[1:]):
             return self.read_weight_rows(rows)
-        shape = arr.shape[1:]
-        keys = [f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((int(i), 0, 0))}" for i in rows]
-        zstd = Zstd()
-        return np.stack([np.zeros(shape, np.float32) if raw is None  # never written: the fill value 0
-                         else np.frombuffer(zstd.decode(raw), dtype="<f4").reshape(shape)
-                         for raw in fetch_objects(arr.store_path.store, keys)])
+        return _decoded_rows(arr, rows)
 
     def read_bias(self, targets: slice | None = None) -> np.ndarray:
         return np.asarray(self.bias[slice(None) if targets is None else targets])
+
+
+def _decoded_rows(arr: zarr.Array, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """The rows of a ``weight_rows`` copy with ROW_CODECS, decoded here one after another into one buffer."""
+    shape = arr.shape[1:]
+    keys = [f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((int(i), 0, 0))}" for i in rows]
+    zstd, row = Zstd(), np.empty(shape, dtype="<f4")
+    for raw in fetch_objects(arr.store_path.store, keys):
+        if raw is not None:  # absent: the fill value 0
+            zstd.decode(raw, out=row)  # no allocation per row
+            yield row
 
 
 def drop_row_copy(group: FitGroup) -> None:

@@ -84,20 +84,21 @@ def _conv_bn(c_in, c_out, kernel_size=3, stride=1, padding=1) -> nn.Module:
     )
 
 
-def resnet9(input_shape, num_classes) -> nn.Module:
-    """The CIFAR-10 ResNet-9 of the datamodels/TRAK/KLoM papers (ffcv example architecture)."""
-    c = int(input_shape[0])
+def resnet9(input_shape, num_classes, width: int = 64) -> nn.Module:
+    """The CIFAR-10 ResNet-9 of the datamodels/TRAK/KLoM papers (ffcv example architecture): stages of
+    width, 2·width and 4·width channels (width 64 in the papers; smaller for quick runs and tests)."""
+    c, w = int(input_shape[0]), int(width)
     return nn.Sequential(
-        _conv_bn(c, 64),
-        _conv_bn(64, 128, kernel_size=5, stride=2, padding=2),
-        Residual(nn.Sequential(_conv_bn(128, 128), _conv_bn(128, 128))),
-        _conv_bn(128, 256),
+        _conv_bn(c, w),
+        _conv_bn(w, 2 * w, kernel_size=5, stride=2, padding=2),
+        Residual(nn.Sequential(_conv_bn(2 * w, 2 * w), _conv_bn(2 * w, 2 * w))),
+        _conv_bn(2 * w, 4 * w),
         nn.MaxPool2d(2),
-        Residual(nn.Sequential(_conv_bn(256, 256), _conv_bn(256, 256))),
-        _conv_bn(256, 128, padding=0),
+        Residual(nn.Sequential(_conv_bn(4 * w, 4 * w), _conv_bn(4 * w, 4 * w))),
+        _conv_bn(4 * w, 2 * w, padding=0),
         nn.AdaptiveMaxPool2d((1, 1)),
         nn.Flatten(),
-        nn.Linear(128, num_classes, bias=False),
+        nn.Linear(2 * w, num_classes, bias=False),
         Scale(0.2),
     )
 

@@ -9,7 +9,7 @@ r−1 (stage 1 from the initialisation its seed draws), and a checkpoint is kept
 stage runs the recipe over its e' epochs with a fresh optimiser: what a stage computes depends only on
 the slices it sees and its seed, so retraining the stages from the first slice that held F
 (`train_stages`) gives exactly the model SISA trains on S∖F with the same seeds. The S shards of a
-stage are trained at once (`train_batched`: stacked, or one at a time for BatchNorm models).
+stage are trained at once (`train_batched`, stacked).
 
 `SisaEnsemble` is the model: every checkpoint (S·R models), the plan and the forgotten ids, all in its
 state dict, so one model file (with a `sisa` entry in its sidecar) holds everything a request needs.

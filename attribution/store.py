@@ -11,7 +11,7 @@ Rules the code enforces:
   or shape raises ``StoreMismatch`` *before anything is written* (the check runs
   on a read-only handle).
 * Writers write whole chunks they own: a subset block is exactly one chunk of
-  ``subsets/masks`` and one of ``subsets/logits``; a fit target-chunk is one
+  ``subsets/masks`` and one shard of ``subsets/logits`` (:mod:`attribution.subset_blocks`); a fit target-chunk is one
   column of ``<prefix>/weight`` chunks (its row-major copy ``<prefix>/weight_rows`` is
   written after the last chunk, attr ``complete`` last). The block's marker (its own one-element
   chunk of a ``done`` array) is set only *after* the data; readers see only
@@ -31,8 +31,7 @@ chunks they own.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
@@ -49,6 +48,7 @@ from .store_spec import (
     schema_table,
     spec_diff,
 )
+from .subset_blocks import SubsetBlocks, check_num_models, ensure_subset_layout, shrink_message
 from .store_zarr import (
     ARRAY_CONFIG,
     COMPRESSORS,
@@ -56,7 +56,7 @@ from .store_zarr import (
     get_array,
     make_store,
     normalize_url,
-    open_group_ro,
+    open_root_group,
     path_is_nonempty_nonstore,
 )
 
@@ -72,27 +72,13 @@ __all__ = [
     "schema_table",
 ]
 
-_MASKS = "subsets/masks"
-_LOGITS = "subsets/logits"
-_DONE = "subsets/done"
 _ORIGINAL = "original/logits"
-
-
-def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted block ids -> [start, stop) runs of consecutive ids."""
-    runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], b + 1)
-        else:
-            runs.append((b, b + 1))
-    return runs
 
 
 # --------------------------------------------------------------------------- the store
 
 
-class AttributionStore:
+class AttributionStore(SubsetBlocks):
     """Handle on one attribution store. Build with :meth:`open_or_create` or :meth:`open`."""
 
     url: str
@@ -119,9 +105,9 @@ class AttributionStore:
         url = normalize_url(url)
         if not isinstance(spec, StoreSpec):
             raise StoreError(f"spec must be a StoreSpec, got {type(spec).__name__}; fix: build a StoreSpec")
-        num_models = cls._check_num_models(num_models)
+        num_models = check_num_models(num_models)
         for _attempt in range(2):
-            ro = open_group_ro(url)
+            ro = open_root_group(url)
             if ro is not None:
                 cls._validate_root(url, dict(ro.attrs))
                 diff = spec_diff(dict(ro.attrs), spec.to_attrs())
@@ -133,11 +119,11 @@ class AttributionStore:
                     )
                 have = int(ro.attrs.get("num_models_requested", 0))
                 if num_models < have:
-                    raise StoreError(cls._shrink_msg(url, num_models, have))
+                    raise StoreError(shrink_message(url, num_models, have))
                 rw = zarr.open_group(make_store(url, read_only=False), mode="r+", zarr_format=3)
                 store = cls.__new__(cls)
                 store.url, store.mode, store._group = url, "r+", rw
-                store._ensure_layout(StoreSpec.from_attrs(dict(ro.attrs)), have or num_models)
+                ensure_subset_layout(rw, StoreSpec.from_attrs(dict(ro.attrs)), have or num_models)
                 store._load()
                 store.ensure_capacity(num_models)
                 return store
@@ -159,7 +145,8 @@ class AttributionStore:
                 continue  # someone created it concurrently: go round and check it
             store = cls.__new__(cls)
             store.url, store.mode, store._group = url, "r+", group
-            store._ensure_layout(spec, num_models)
+            ensure_subset_layout(group, spec, num_models)
+            _create_original_logits(group, spec)  # here, once: a first deletion request then only writes it
             store._load()
             return store
         raise StoreError(f"could not create or open {url} (concurrent creation?); fix: rerun the command")
@@ -170,12 +157,10 @@ class AttributionStore:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}; fix: use open_or_create to create a store")
         url = normalize_url(url)
-        ro = open_group_ro(url)
-        if ro is None:
+        group = open_root_group(url, read_only=mode == "r")
+        if group is None:
             raise StoreError(f"no attribution store at {url}; fix: run `dmm estimate` (or check the --store path)")
-        cls._validate_root(url, dict(ro.attrs))
-        group = ro if mode == "r" else zarr.open_group(make_store(url, read_only=False), mode="r+", zarr_format=3)
-        return cls(url, group, mode)
+        return cls(url, group, mode)  # checks the root attributes before anything can be written
 
     def __reduce__(self):
         # Ray/pickle: a handle travels as (url, mode) and reopens on the other side.
@@ -195,19 +180,6 @@ class AttributionStore:
         self._load()
 
     @staticmethod
-    def _check_num_models(num_models: int) -> int:
-        if isinstance(num_models, bool) or not isinstance(num_models, (int, np.integer)) or num_models < 1:
-            raise StoreError(f"num_models must be a positive int, got {num_models!r}; fix: pass --num-models N >= 1")
-        return int(num_models)
-
-    @staticmethod
-    def _shrink_msg(url: str, want: int, have: int) -> str:
-        return (
-            f"store {url} already holds a request for {have} models and shrinking to {want} is refused; "
-            f"fix: pass --num-models >= {have} or use a new --store path"
-        )
-
-    @staticmethod
     def _validate_root(url: str, attrs: dict) -> None:
         if attrs.get("kind") != STORE_KIND or "schema_version" not in attrs:
             raise StoreError(f"{url} is a Zarr group but not an attribution store; fix: pass an attribution store path")
@@ -220,54 +192,12 @@ class AttributionStore:
         if missing:
             raise StoreError(f"store {url} lacks root attributes {missing}; fix: rebuild the store")
 
-    def _ensure_layout(self, spec: StoreSpec, num_models: int) -> None:
-        """Create whichever subset arrays are missing (idempotent; repairs an interrupted creation)."""
-        g = self._group
-        bs = spec.block_size
-        nb = math.ceil(num_models / bs)
-        m = nb * bs
-        shapes = {
-            _MASKS: ((m, spec.n_train), (bs, spec.n_train), "bool", False,
-                     "row j: training points used by subset model j"),
-            _LOGITS: ((m, spec.n_points, spec.num_classes), (bs, spec.n_points, spec.num_classes), "float32", 0.0,
-                      "logits of subset model j on train then held-out points"),
-            _DONE: ((nb,), (1,), "bool", False, "block completion markers (set after data)"),
-        }
-        for path, (shape, chunks, dtype, fill, meaning) in shapes.items():
-            if get_array(g, path) is None:
-                g.create_array(
-                    path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                    compressors=COMPRESSORS, attributes=array_attrs(spec.fingerprint, meaning),
-                    config=ARRAY_CONFIG,
-                )
-
     def _load(self) -> None:
         attrs = dict(self._group.attrs)
         self._validate_root(self.url, attrs)
         self.attrs = attrs
         self.spec = StoreSpec.from_attrs(attrs)
-        arrays = {p: get_array(self._group, p) for p in (_MASKS, _LOGITS, _DONE)}
-        missing = [p for p, a in arrays.items() if a is None]
-        if missing:
-            raise StoreError(
-                f"store {self.url} is incomplete (missing {missing}); fix: rerun `dmm estimate`, which repairs it"
-            )
-        self._masks, self._logits, self._done = arrays[_MASKS], arrays[_LOGITS], arrays[_DONE]
-        s, bs = self.spec, self.spec.block_size
-        for path, arr in arrays.items():
-            a = dict(arr.attrs)
-            if a.get("fingerprint") != s.fingerprint or a.get("schema_version") != SCHEMA_VERSION:
-                raise StoreError(
-                    f"array {path} in {self.url} carries fingerprint/schema {a.get('fingerprint')!r}/"
-                    f"{a.get('schema_version')!r}, root says {s.fingerprint!r}/{SCHEMA_VERSION}; fix: rebuild the store"
-                )
-        ok = (
-            self._masks.shape[1:] == (s.n_train,)
-            and self._logits.shape[1:] == (s.n_points, s.num_classes)
-            and self._masks.chunks[0] == bs and self._logits.chunks[0] == bs
-        )
-        if not ok:
-            raise StoreError(f"store {self.url} has arrays whose shape disagrees with its attributes; fix: rebuild the store")
+        self._subsets = None  # opened and checked on first use (`SubsetBlocks`)
 
     # ---------------------------------------------------------------- identity
 
@@ -289,16 +219,6 @@ class AttributionStore:
         """The requested total number of subset models."""
         return int(self.attrs["num_models_requested"])
 
-    @property
-    def num_blocks(self) -> int:
-        """Blocks whose rows exist in every subset array (interrupted growth counts the smallest)."""
-        bs = self.block_size
-        return min(self._done.shape[0], self._masks.shape[0] // bs, self._logits.shape[0] // bs)
-
-    @property
-    def allocated_models(self) -> int:
-        return self.num_blocks * self.block_size
-
     def check(self, **expected: Any) -> None:
         """Raise ``StoreMismatch`` naming every root attribute that differs from ``expected``."""
         unknown = [k for k in expected if k not in self.attrs]
@@ -314,122 +234,6 @@ class AttributionStore:
     def _require_writable(self) -> None:
         if self.mode != "r+":
             raise StoreError(f"store {self.url} is open read-only; fix: AttributionStore.open(url, mode='r+')")
-
-    # ---------------------------------------------------------------- capacity
-
-    def ensure_capacity(self, num_models: int) -> None:
-        """Grow the subset arrays to hold ``num_models`` (rounded up to whole blocks). Never shrinks."""
-        num_models = self._check_num_models(num_models)
-        if num_models < self.num_models:
-            raise StoreError(self._shrink_msg(self.url, num_models, self.num_models))
-        nb = math.ceil(num_models / self.block_size)
-        if nb > self.num_blocks or num_models != self.num_models:
-            self._require_writable()
-        m = nb * self.block_size
-        # data arrays first, markers after, requested count last: a crash leaves num_blocks
-        # (the min over arrays) consistent, and rerunning repairs.
-        if self._masks.shape[0] < m:
-            self._masks.resize((m,) + self._masks.shape[1:])
-        if self._logits.shape[0] < m:
-            self._logits.resize((m,) + self._logits.shape[1:])
-        if self._done.shape[0] < nb:
-            self._done.resize((nb,))
-        if num_models != self.num_models:
-            self._group.attrs.update({"num_models_requested": num_models})
-            self.attrs = dict(self._group.attrs)
-
-    # ---------------------------------------------------------------- blocks
-
-    def _check_block(self, block: int) -> int:
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 0 <= block < self.num_blocks:
-            raise StoreError(
-                f"block {block!r} out of range [0, {self.num_blocks}) in {self.url}; "
-                "fix: call ensure_capacity()/refresh() or use a block from missing_blocks()"
-            )
-        return int(block)
-
-    def block_rows(self, block: int) -> slice:
-        """Rows of the subset arrays that belong to ``block``."""
-        b = self._check_block(block)
-        return slice(b * self.block_size, (b + 1) * self.block_size)
-
-    def block_done(self, block: int) -> bool:
-        b = self._check_block(block)
-        return bool(self._done[b])
-
-    def completed_blocks(self) -> list[int]:
-        """Blocks whose marker is set (read fresh from the store each call)."""
-        nb = self.num_blocks
-        if nb == 0:
-            return []
-        done = np.asarray(self._done[:nb], dtype=bool)
-        return [int(i) for i in np.flatnonzero(done)]
-
-    def missing_blocks(self) -> list[int]:
-        done = set(self.completed_blocks())
-        return [b for b in range(self.num_blocks) if b not in done]
-
-    def completed_models(self) -> int:
-        return len(self.completed_blocks()) * self.block_size
-
-    def write_block(self, block: int, masks: np.ndarray, logits: np.ndarray) -> None:
-        """Write block ``block``'s masks and logits (exactly its own chunks), then set its marker."""
-        self._require_writable()
-        rows = self.block_rows(block)
-        s, bs = self.spec, self.block_size
-        masks = np.asarray(masks)
-        if masks.shape != (bs, s.n_train):
-            raise StoreError(f"block {block} masks have shape {masks.shape}, store expects {(bs, s.n_train)}; fix: train block_size models per block")
-        if masks.dtype != np.bool_:
-            if not np.isin(masks, (0, 1)).all():
-                raise StoreError(f"block {block} masks are not 0/1; fix: pass boolean subset masks")
-            masks = masks.astype(bool)
-        logits = np.asarray(logits)
-        if logits.shape != (bs, s.n_points, s.num_classes):
-            raise StoreError(
-                f"block {block} logits have shape {logits.shape}, store expects {(bs, s.n_points, s.num_classes)}; "
-                "fix: evaluate every model on train then held-out points"
-            )
-        logits = logits.astype(np.float32, copy=False)
-        if not np.isfinite(logits).all():
-            raise StoreError(f"block {block} logits contain NaN/inf; fix: rerun the block (training diverged?)")
-        self._masks[rows] = masks
-        self._logits[rows] = logits
-        self._done[block : block + 1] = np.ones(1, dtype=bool)  # marker last
-
-    def _resolve_blocks(self, blocks: Iterable[int] | None) -> list[int]:
-        if blocks is None:
-            return self.completed_blocks()
-        blocks = sorted({self._check_block(b) for b in blocks})
-        done = set(self.completed_blocks())
-        not_done = [b for b in blocks if b not in done]
-        if not_done:
-            raise StoreError(f"blocks {not_done} of {self.url} are not complete; fix: read completed_blocks() only")
-        return blocks
-
-    def _read_rows(self, arr: zarr.Array, blocks: list[int], tail: tuple) -> np.ndarray:
-        bs = self.block_size
-        runs = _runs(blocks) or [(0, 0)]  # no blocks: a (0, ...) array of the right shape
-        parts = [np.asarray(arr[(slice(a * bs, b * bs),) + tail]) for a, b in runs]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-    def read_masks(self, blocks: Iterable[int] | None = None) -> np.ndarray:
-        """Masks of completed blocks (all completed if ``blocks`` is None), in block order.
-
-        Read masks and logits with the same explicit ``blocks`` list (e.g. from
-        ``completed_blocks()`` or :meth:`read`) so rows stay aligned while writers run.
-        """
-        return self._read_rows(self._masks, self._resolve_blocks(blocks), ())
-
-    def read_logits(self, blocks: Iterable[int] | None = None, targets: slice | None = None) -> np.ndarray:
-        """Logits (rows × targets × k) of completed blocks; ``targets`` slices the point axis."""
-        tail = () if targets is None else (targets,)
-        return self._read_rows(self._logits, self._resolve_blocks(blocks), tail)
-
-    def read(self, blocks: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """A consistent snapshot: (masks, logits, blocks) of the completed blocks."""
-        blocks = self._resolve_blocks(blocks)
-        return self.read_masks(blocks), self.read_logits(blocks), blocks
 
     # ---------------------------------------------------------------- generic access
 
@@ -458,12 +262,8 @@ class AttributionStore:
         if not isinstance(model_sha256, str) or not model_sha256:
             raise StoreError("model_sha256 must be a non-empty string; fix: pass the model file's sha256")
         arr = get_array(self._group, _ORIGINAL)
-        if arr is None:
-            arr = self._group.create_array(
-                _ORIGINAL, shape=logits.shape, chunks=logits.shape, dtype="float32", fill_value=float("nan"),
-                compressors=COMPRESSORS, config=ARRAY_CONFIG,
-                attributes=array_attrs(s.fingerprint, "logits of the original model θ0", model_sha256=None),
-            )
+        if arr is None:  # a store created before the array was made with the store
+            arr = _create_original_logits(self._group, s)
         elif arr.attrs.get("model_sha256") is not None:
             arr.attrs.update({"model_sha256": None})  # invalidate, then write, then name
         arr[...] = logits.astype(np.float32, copy=False)
@@ -530,3 +330,13 @@ class AttributionStore:
             else:
                 out[prefix] = None
         return out
+
+
+def _create_original_logits(group: zarr.Group, spec: StoreSpec) -> zarr.Array:
+    """Driver: the empty ``original/logits`` array (model_sha256 None until a first request writes θ0's logits)."""
+    shape = (spec.n_points, spec.num_classes)
+    return group.create_array(
+        _ORIGINAL, shape=shape, chunks=shape, dtype="float32", fill_value=float("nan"),
+        compressors=COMPRESSORS, config=ARRAY_CONFIG,
+        attributes=array_attrs(spec.fingerprint, "logits of the original model θ0", model_sha256=None),
+    )

@@ -36,8 +36,11 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "seed, block_size, n_train, n_points, num_classes, num_models_requested"),
     ("`subsets/masks`", "m × n", "bool", "block_size × n",
      "row j: which training points subset model j was trained on"),
-    ("`subsets/logits`", "m × p × k", "float32", "block_size × p × k",
-     "logits of subset model j on every train, then held-out, point"),
+    ("`subsets/logits`", "m × p × k", "float32",
+     "shards block_size × ⌈p / T⌉·T × k (one per block) of inner chunks block_size × T × k",
+     "logits of subset model j on every train, then held-out, point; attr target_chunk = T = min(256, p), the fit's "
+     "default, so a fit task reads only its targets' inner chunks (stores from before sharding: one chunk "
+     "block_size × p × k, read as they are)"),
     ("`subsets/done`", "m / block_size", "bool", "1",
      "block b complete (set after its masks and logits); readers see marked blocks only"),
     ("`datamodels/weight`", "n × p × k", "float32", "row_chunk × target_chunk × k",

@@ -68,11 +68,12 @@ def path_is_nonempty_nonstore(url: str) -> bool:
     return p.is_file() or any(p.iterdir())
 
 
-def open_group_ro(url: str) -> zarr.Group | None:
-    """Root group opened read-only, or None if there is no zarr group at ``url``."""
+def open_root_group(url: str, read_only: bool = True) -> zarr.Group | None:
+    """Root group (opening writes nothing, in either mode), or None if there is no zarr group at ``url``."""
+    if not read_only and not has_scheme(url) and not Path(url).is_dir():
+        return None  # a writable LocalStore would create the folder on opening
     try:
-        store = make_store(url, read_only=True)
-        return zarr.open_group(store, mode="r", zarr_format=3)
+        return zarr.open_group(make_store(url, read_only=read_only), mode="r" if read_only else "r+", zarr_format=3)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         return None
     except (ValueError, KeyError, OSError) as exc:

@@ -1,7 +1,7 @@
-"""Benchmark: batched datamodel solver vs. a loop of scikit-learn ``Lasso`` fits.
+"""Benchmark: batched datamodel solver vs. a loop of scikit-learn ``Lasso`` fits; shared vs per-chunk design.
 
     python benchmarks/bench_fit.py [--targets T] [--models M] [--val-models V]
-                                   [--sklearn-targets K] [--seed S]
+                                   [--sklearn-targets K] [--chunk C] [--seed S]
 
 1. ``load_problem`` builds one chunk: 0/1 masks (α = 0.5, n = 1437 like the
    sklearn-digits train split), M train + V validation subset models, T
@@ -18,6 +18,12 @@
 4. Objectives of both are evaluated in float64 from residuals;
    max_rel_objective_gap = max_j (ours_j − sklearn_j) / sklearn_j over the
    sklearn-fitted targets (negative means ours is lower).
+5. Shared design, before vs after: the T targets fitted in chunks of C (as `dmm fit` does), first with
+   every chunk building its own design (XᵀX, x̄, ‖G‖₂ of train and train + val: what each task did
+   before), then with one ``build_design`` shared by every chunk; times ``per_chunk_design_s`` and
+   ``shared_design_s`` (design included), ``design_ratio`` = before / after (``design_cpu_ratio`` in
+   process CPU time, steadier on a shared machine), ``design_build_s`` for one design, and whether
+   every chunk's β, β0, λ are bitwise equal (``design_bitwise``).
 
 The last line printed is one JSON object.
 """
@@ -38,6 +44,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from attribution.lasso import fit_datamodels, lasso_objective, solve_lasso  # noqa: E402
+from attribution.lasso_stats import build_design  # noqa: E402
 
 
 def load_problem(targets: int = 1024, models: int = 2000, val_models: int = 200,
@@ -66,6 +73,33 @@ def load_problem(targets: int = 1024, models: int = 2000, val_models: int = 200,
     return X[:models], Y[:models], X[models:], Y[models:]
 
 
+def fit_in_chunks(Xtr, Ytr, Xva, Yva, chunk: int, shared: bool):
+    """(wall s, CPU s, fits) of the targets fitted `chunk` at a time, with one shared design or one per chunk."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    design = build_design(Xtr, Xva) if shared else None
+    fits = [fit_datamodels(Xtr, Ytr[:, j:j + chunk], Xva, Yva[:, j:j + chunk], design=design)
+            for j in range(0, Ytr.shape[1], chunk)]
+    return time.perf_counter() - t0, time.process_time() - c0, fits
+
+
+def compare_designs(Xtr, Ytr, Xva, Yva, chunk: int) -> dict:
+    """Step 5: per-chunk design (before) vs one shared design (after), in this process."""
+    before_s, before_cpu, before = fit_in_chunks(Xtr, Ytr, Xva, Yva, chunk, shared=False)
+    after_s, after_cpu, after = fit_in_chunks(Xtr, Ytr, Xva, Yva, chunk, shared=True)
+    t0 = time.perf_counter()
+    build_design(Xtr, Xva)
+    build_s = time.perf_counter() - t0
+    bitwise = all(getattr(a, f).tobytes() == getattr(b, f).tobytes()
+                  for a, b in zip(before, after) for f in ("weight", "bias", "lam"))
+    print(f"{len(before)} chunks of {chunk} targets: per-chunk design {before_s:.2f} s ({before_cpu:.2f} CPU s), "
+          f"shared design {after_s:.2f} s ({after_cpu:.2f} CPU s): ratio {before_s / after_s:.2f} "
+          f"(CPU {before_cpu / after_cpu:.2f}); one design {build_s:.2f} s; β, β0, λ bitwise equal: {bitwise}")
+    return {"chunks": len(before), "chunk": chunk, "per_chunk_design_s": round(before_s, 3),
+            "shared_design_s": round(after_s, 3), "design_ratio": round(before_s / after_s, 3),
+            "design_cpu_ratio": round(before_cpu / after_cpu, 3), "design_build_s": round(build_s, 3),
+            "design_bitwise": bitwise}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", type=int, default=1024)
@@ -73,6 +107,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-models", type=int, default=200)
     ap.add_argument("--sklearn-targets", type=int, default=None,
                     help="fit only this many targets with sklearn and extrapolate (default: all)")
+    ap.add_argument("--chunk", type=int, default=256, help="targets per chunk in step 5 (as --targets-per-chunk)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -120,6 +155,7 @@ def main(argv=None) -> dict:
     fit_obj = lasso_objective(X, Y[:, cols], fit.weight[:, cols], fit.bias[cols], lam[cols])
     rel_fit = (fit_obj - f_sk) / f_sk
     nnz = (W != 0).sum(0)
+    designs = compare_designs(Xtr, Ytr, Xva, Yva, args.chunk)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
     print(f"sklearn Lasso loop: {sk_elapsed:.2f} s for {cols.size} targets"
@@ -144,6 +180,7 @@ def main(argv=None) -> dict:
         "peak_rss_mb": round(peak_mb, 1),
         "ours_peak_rss_mb": round(ours_peak_mb, 1),
         "threads": torch.get_num_threads(),
+        **designs,
     }
     if cols.size < t:
         out["sklearn_targets_timed"] = int(cols.size)

@@ -69,8 +69,11 @@ def register(sub) -> None:
     p.add_argument("--block-size", type=int, default=64, help="B, models per Ray task (default 64)")
     p.add_argument("--seed", type=int, default=0, help="root seed of the subsets and model seeds")
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray started in-process)")
-    p.add_argument("--gpus-per-task", type=float, default=0.0)
-    p.add_argument("--cpus-per-task", type=float, default=1.0)
+    p.add_argument("--gpus-per-task", type=float, default=0.0,
+                   help="G > 0: one worker per GPU slot keeps the dataset on its GPU across blocks; a fraction "
+                        "shares a GPU (DMM_FORCE_DEVICE=cpu: compute on the CPU; default 0, CPU tasks)")
+    p.add_argument("--cpus-per-task", type=float, default=1.0,
+                   help="CPUs per task or GPU worker; it uses max(1, int(C)) torch threads (default 1)")
     add_recipe_args(p)
     p.set_defaults(func=estimate_cmd)
 

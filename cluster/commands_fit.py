@@ -13,7 +13,8 @@ def fit_cmd(args) -> int:
         # and peak RSS grows with n_points. One decode thread keeps it flat (the solve dominates the time).
         zarr.config.set({"threading.max_workers": 1})
     config = FitConfig(holdout_models=args.holdout_models, path_length=args.path_length,
-                       targets_per_chunk=args.targets_per_chunk, rows_per_chunk=args.rows_per_chunk)
+                       targets_per_chunk=args.targets_per_chunk, rows_per_chunk=args.rows_per_chunk,
+                       device=args.device, max_task_memory_gb=args.max_task_memory)
     report = fit_store(args.store, config, address=args.address, workers=args.workers)
     print("\n".join(format_report(report)))
     return 0
@@ -29,6 +30,11 @@ def register(sub) -> None:
                    help="points per task (each has k regressions); memory grows with it")
     p.add_argument("--rows-per-chunk", type=int, default=FitConfig.rows_per_chunk,
                    help="training points per β chunk: small makes DM-Direct's read of F's rows cheap")
+    p.add_argument("--device", default=FitConfig.device,
+                   help="where the solver runs: cpu (default) or cuda[:N] (on a Ray cluster, each worker's GPU)")
+    p.add_argument("--max-task-memory", type=float, metavar="GB",
+                   help="refuse a fit whose task needs more (shared Gram 2·n²·4 B + masks + one target chunk); "
+                        "the error names the largest --targets-per-chunk that fits")
     p.add_argument("--address", help="Ray cluster (Dask-on-Ray) or tcp:// dask.distributed scheduler")
     p.add_argument("--workers", type=int, default=1, help="local threads (each solve is itself multi-threaded)")
     p.set_defaults(func=fit_cmd)

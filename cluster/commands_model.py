@@ -22,7 +22,7 @@ from attribution.update_record import UpdateRecorder, UpdateRecordError
 
 
 def add_data_args(p, model=True) -> None:
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="digits | mnist1d | cifar10 | npz:PATH")
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help="digits | mnist1d | cifar10 | npz:PATH | npy:DIR")
     if model:
         p.add_argument("--model", default=None, help="mlp | cnn1d | resnet9 | module:callable (default: the dataset's)")
 

@@ -98,7 +98,7 @@ def unlearn_without_store(args, config, device: str) -> str:
         raise MatchingError(f"method {args.method} needs an attribution store (its {' and '.join(sorted(needs))}); "
                             "pass --store")
     if args.dataset is None:
-        raise MatchingError("without --store, name the data with --dataset (digits, mnist1d, cifar10 or npz:PATH)")
+        raise MatchingError("without --store, name the data with --dataset (digits, mnist1d, cifar10, npz:PATH or npy:DIR)")
     if args.out is None or Path(args.out).resolve() == Path(args.model).resolve():
         raise MatchingError("pass --out, a new file for the unlearned model (not the input model)")
     check_dataset_name(args.dataset)
@@ -147,7 +147,7 @@ def register(sub) -> None:
     p = sub.add_parser("unlearn", help="forget training ids from a model with a registered method (default DMM)")
     p.add_argument("--store", help="attribution store (path or fsspec URL): checks the request and records it in "
                                    "the ledger; required by dmm and om")
-    p.add_argument("--dataset", help="without --store: the model's data (digits | mnist1d | cifar10 | npz:PATH)")
+    p.add_argument("--dataset", help="without --store: the model's data (digits | mnist1d | cifar10 | npz:PATH | npy:DIR)")
     p.add_argument("--model", required=True,
                    help="θ0 for the store's first request, else the model the previous request wrote")
     p.add_argument("--forget", required=True, help="file of training indices to forget (txt, csv or npy)")

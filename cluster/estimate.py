@@ -1,23 +1,25 @@
 """Datamodel estimation (DESIGN.md §1 step 1, §4): train the m subset models A(S_1)..A(S_m).
 
-One Ray task per block b of B models: it derives its α-subsets S_j and seeds from (root seed, b),
-trains the block with the model-batched engine, writes the block's own chunk-aligned rows of the
-attribution store and then its marker. The driver only schedules missing blocks, so a rerun
-resumes. A retried block is trained with the same seeds, subsets and thread count (--cpus-per-task),
-so on the same kind of CPU it writes the same bytes; with another thread count or CPU its logits
-agree to float rounding (tests/test_estimate.py checks both with 1 and 2 threads).
+Block b of B models derives its α-subsets S_j and seeds from (root seed, b), is trained with the
+model-batched engine, and writes the block's own chunk-aligned rows of the attribution store and
+then its marker; a block is written by one worker at a time. The driver only schedules missing
+blocks, so a rerun resumes. Blocks run as Ray tasks on CPUs, or on one GPU worker per GPU slot
+with `--gpus-per-task` (cluster/estimate_workers.py). A retried block is trained with the same
+seeds, subsets and thread count (--cpus-per-task), so on the same kind of CPU it writes the same
+bytes; with another thread count or CPU its logits agree to float rounding (tests/test_estimate.py
+checks both with 1 and 2 threads).
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import ray
-import torch
 from tqdm import tqdm
 
-from attribution.datasets import Dataset, check_fingerprint, load_dataset
-from attribution.engine import train_batched
+from attribution.datasets import Dataset, load_dataset
+from attribution.device import forced_cpu
 from attribution.errors import DmmError
 from attribution.models import default_model
 from attribution.recipes import Recipe, resolve_recipe
@@ -25,10 +27,10 @@ from attribution.store import AttributionStore, StoreError, StoreSpec
 from attribution.store_spec import spec_diff
 from attribution.subsets import block_subsets
 
+from .estimate_workers import GpuWorker, WorkerInfo, train_block, train_block_task
 from .ray_runtime import connect, first_line
 
-MAX_RETRIES = 3  # per block, on worker death and on transient (I/O) errors
-TRANSIENT_ERRORS = [OSError, TimeoutError]
+__all__ = ["EstimateError", "EstimateRequest", "EstimateResult", "run_estimate", "train_block"]
 
 
 class EstimateError(DmmError):
@@ -71,40 +73,36 @@ class EstimateResult:
     store: AttributionStore
 
 
-def train_block(store: AttributionStore, request: EstimateRequest, block: int,
-                device: str = "cpu", threads: int | None = None) -> int:
-    """Train block b's B models and write their masks and logits (then the marker) into the store."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    data = load_dataset(request.dataset, download=True)  # a request names the dataset its user asked for
-    check_fingerprint(data, store.fingerprint, f"store {store.url}")
-    masks, seeds = request.block_subsets(block, data.n_train)
-    result = train_batched(request.model, data, request.recipe, seeds, masks, device)
-    store.write_block(block, masks, result.logits.cpu().numpy())
-    return block
+def worker_slots(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many tasks of `cpus` CPUs and `gpus` GPUs the nodes (Ray resource dicts) run at once."""
+    def fits(have: float, need: float) -> float:
+        return math.floor(have / need + 1e-9) if need > 0 else math.inf
+    return sum(min(fits(r.get("CPU", 0), cpus), fits(r.get("GPU", 0), gpus)) for r in nodes)
 
 
-_train_block_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=TRANSIENT_ERRORS)(train_block)
+def _join(address: str | None, cpus: float, gpus: float) -> list[dict]:
+    """Attach to Ray and refuse a task size that no live node has: Ray would queue such tasks forever.
 
-
-def _max_in_flight(cpus: float, gpus: float) -> int:
-    """Two tasks per parallel slot of the cluster: workers stay busy, memory stays bounded."""
-    res = ray.cluster_resources()
-    slots = res.get("CPU", 1) / cpus
-    if gpus > 0:
-        slots = min(slots, res.get("GPU", 0) / gpus)
-    return max(1, 2 * math.floor(slots))
-
-
-def _join(address: str | None, cpus: float, gpus: float) -> None:
-    """Attach to Ray and refuse a task size that no live node has: Ray would queue such tasks forever."""
+    Returns the live nodes' resources."""
     connect(address)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+    if not worker_slots(nodes, cpus, gpus):
         most = {k: max((r.get(k, 0) for r in nodes), default=0) for k in ("CPU", "GPU")}
         raise EstimateError(f"no node of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for one task "
                             f"(its nodes have at most {most['CPU']:g} CPUs and {most['GPU']:g} GPUs); fix: lower "
                             "--cpus-per-task/--gpus-per-task or add such nodes to the cluster")
+    return nodes
+
+
+def _check_resources(cpus: float, gpus: float) -> None:
+    """Refuse task sizes Ray would refuse only once the store exists (≤ 0, finer than Ray's 0.0001)."""
+    if cpus <= 0 or gpus < 0:
+        raise DmmError("need --cpus-per-task > 0 and --gpus-per-task >= 0; fix the resources")
+    try:
+        (GpuWorker if gpus > 0 else train_block_task).options(num_cpus=cpus, num_gpus=gpus)
+    except ValueError as e:
+        raise DmmError(f"--cpus-per-task {cpus:g} / --gpus-per-task {gpus:g}: {first_line(e)}; "
+                       "fix the resources") from None
 
 
 def _may_train(store_url: str, spec: StoreSpec, num_models: int) -> bool:
@@ -120,23 +118,84 @@ def _may_train(store_url: str, spec: StoreSpec, num_models: int) -> bool:
                                                              or bool(store.missing_blocks()))
 
 
-def _failure(block: int, err: ray.exceptions.RayError) -> DmmError:
+def _failure(what: str, err: ray.exceptions.RayError) -> DmmError:
     cause = getattr(err, "cause", None)
     if isinstance(cause, DmmError):
         return cause
-    return EstimateError(f"block {block} failed ({first_line(cause or err)}); completed blocks are kept: "
+    return EstimateError(f"{what} failed ({first_line(cause or err)}); completed blocks are kept: "
                          "rerun the same command to resume")
+
+
+def _run_blocks(missing: list[int], slots, submit, on_ready, starts: dict | None = None) -> None:
+    """Train the `missing` blocks on `slots`, one block in flight per slot, its next one when it is done.
+
+    `submit(slot, block)` returns the block's ref; `starts` ({ref: slot}, a worker's start) are
+    awaited alongside. `on_ready(slot, block, value)` sees every ready value (block None for a
+    start). The first failure for good cancels the rest and is raised.
+    """
+    todo, pending = list(reversed(missing)), {ref: (slot, None) for ref, slot in (starts or {}).items()}
+
+    def feed(slot) -> None:
+        if todo:
+            block = todo.pop()
+            pending[submit(slot, block)] = (slot, block)
+
+    for slot in slots:
+        feed(slot)
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        slot, block = pending.pop(ref)
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            for other in pending:
+                ray.cancel(other)
+            raise _failure(f"GPU worker {slot + 1}" if block is None else f"block {block}", e) from None
+        on_ready(slot, block, value)
+        if block is not None:
+            feed(slot)
+
+
+def _log(line: str) -> None:
+    tqdm.write(f"estimate: {line}", file=sys.stderr)
+
+
+def _run_on_gpu_workers(store: AttributionStore, request: EstimateRequest, missing: list[int], workers: list,
+                        done) -> None:
+    """The blocks on GpuWorker actors, which are killed after; logs where each computes and what it did."""
+    n = len(workers)
+    latest: dict[int, WorkerInfo] = {}
+    blocks = [0] * n
+
+    def ready(slot: int, block: int | None, info: WorkerInfo) -> None:
+        latest[slot] = info
+        if block is None:
+            _log(f"GPU worker {slot + 1}/{n} on {info.where()}")
+        else:
+            blocks[slot] += 1
+            done()
+
+    try:
+        _run_blocks(missing, range(n), lambda slot, b: workers[slot].train.remote(store, request, b), ready,
+                    starts={w.start.remote(): i for i, w in enumerate(workers)})
+    finally:
+        for w in workers:
+            ray.kill(w)
+    for slot, info in sorted(latest.items()):
+        _log(f"GPU worker {slot + 1}/{n} trained {blocks[slot]} blocks on {info.device}, Ray GPU ids "
+             f"{list(info.gpu_ids)}; dataset loaded onto it {info.loads} time(s)")
 
 
 def run_estimate(request: EstimateRequest, store_url: str, num_models: int, address: str | None = None,
                  cpus_per_task: float = 1, gpus_per_task: float = 0, progress: bool = True) -> EstimateResult:
-    """Open (or create, or grow) the store, then train its missing blocks as Ray tasks.
+    """Open (or create, or grow) the store, then train its missing blocks: as Ray tasks, or with
+    `gpus_per_task` > 0 on GPU workers that keep the dataset on their GPU (DMM_FORCE_DEVICE=cpu: on the CPU).
 
     The store is checked against the request before anything is written or Ray is started; when
     there are models to train, Ray's nodes are checked for the task size before the store changes.
     """
-    if cpus_per_task <= 0 or gpus_per_task < 0:
-        raise DmmError("need --cpus-per-task > 0 and --gpus-per-task >= 0; fix the resources")
+    _check_resources(cpus_per_task, gpus_per_task)
+    force_cpu = gpus_per_task > 0 and forced_cpu()
     data = load_dataset(request.dataset, download=True)  # a request names the dataset its user asked for
     spec = request.spec(data)
     if _may_train(store_url, spec, num_models):
@@ -145,25 +204,19 @@ def run_estimate(request: EstimateRequest, store_url: str, num_models: int, addr
     missing = store.missing_blocks()
     skipped = store.num_blocks - len(missing)
     if missing:
-        _join(address, cpus_per_task, gpus_per_task)  # again (cheap): the store may have changed since the check
-        task = _train_block_task.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
-        device, threads = ("cuda" if gpus_per_task > 0 else "cpu"), max(1, int(cpus_per_task))
-        limit = _max_in_flight(cpus_per_task, gpus_per_task)
-        todo, pending = list(reversed(missing)), {}
+        nodes = _join(address, cpus_per_task, gpus_per_task)  # again (cheap): the store may have changed
+        slots, threads = worker_slots(nodes, cpus_per_task, gpus_per_task), max(1, int(cpus_per_task))
         with tqdm(total=store.allocated_models, initial=skipped * request.block_size, unit="model",
                   desc="estimate", disable=not progress, smoothing=0.1) as bar:
-            while todo or pending:
-                while todo and len(pending) < limit:
-                    b = todo.pop()
-                    pending[task.remote(store, request, b, device, threads)] = b
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    block = pending.pop(ref)
-                    try:
-                        ray.get(ref)
-                    except ray.exceptions.RayError as e:
-                        for other in pending:
-                            ray.cancel(other)
-                        raise _failure(block, e) from None
-                    bar.update(request.block_size)
+            def done(*_) -> None:
+                bar.update(request.block_size)
+
+            if gpus_per_task > 0:  # one worker per GPU slot, at most one per block
+                worker = GpuWorker.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
+                workers = [worker.remote(request.dataset, threads, force_cpu) for _ in range(min(slots, len(missing)))]
+                _run_on_gpu_workers(store, request, missing, workers, done)
+            else:  # two tasks per slot: workers stay busy, memory stays bounded
+                task = train_block_task.options(num_cpus=cpus_per_task)
+                _run_blocks(missing, range(2 * slots), lambda _, b: task.remote(store, request, b, "cpu", threads),
+                            done)
     return EstimateResult(trained=len(missing), skipped=skipped, store=store)

@@ -1,7 +1,7 @@
 """The experiment spec of `dmm evaluate` (YAML): what to compare, on what, with which oracles.
 
 ```yaml
-dataset: digits            # digits | mnist1d | cifar10 | npz:PATH
+dataset: digits            # digits | mnist1d | cifar10 | npz:PATH | npy:DIR
 model: mlp                 # default: the dataset's
 recipe: digits-mlp         # name or JSON/YAML file (`dmm recipes`); default: the (dataset, model) pair's.
                            # A reused store fixes model and recipe: both must then match it.

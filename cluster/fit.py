@@ -7,6 +7,15 @@ with T, not with the number of targets, and a rerun fits only chunks without a m
 is done, the same scheduler writes β's row-major copy (`weight_rows`, for requests); a run on a complete
 group without one (a store from before the copy existed) writes just that.
 
+What the chunks share is not recomputed per chunk: the masks reach the workers once (one `ray.put` on
+Ray, one graph key otherwise) and one task builds the shared design (XᵀX, column sums, ‖G‖₂ of the
+train and train + val rows, `lasso_stats.build_design`) that every chunk's task takes as its input.
+`device` is where the solver runs (`cuda` on a GPU: the same torch code); on a Ray cluster each task
+uses its node's GPU (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for tasks that ask for no GPU, so the
+tasks of a node share its GPUs, as many at once as it has CPUs). `max_task_memory_gb` refuses, before
+the store is touched, a fit whose task would need more (`attribution.fit_memory`: 34.7 GB at CIFAR-10
+scale, 20 GB of it the shared Gram pair).
+
 Schedulers: local threads by default; `--address` with a Ray cluster (or `RAY_ADDRESS`) runs the same
 graph with Dask-on-Ray (`ray.util.dask.ray_dask_get`), `tcp://HOST:PORT` on a dask.distributed scheduler.
 """
@@ -20,10 +29,13 @@ import dask.array as da
 import numpy as np
 from tqdm import tqdm
 
-from attribution.datamodels import DEFAULT_VAL_FRACTION, fit_target_chunk
+from attribution.datamodels import DEFAULT_VAL_FRACTION, fit_target_chunk, validation_split
 from attribution.datasets import check_fingerprint, load_dataset
+from attribution.device import resolve_device
 from attribution.errors import DmmError
+from attribution.fit_memory import check_task_memory
 from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH, DEFAULT_TOL
+from attribution.lasso_stats import build_design
 from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
 from attribution.fit_group import refuse_other_settings, write_row_copy
 from attribution.store import AttributionStore
@@ -40,36 +52,64 @@ class FitConfig:
     targets_per_chunk: int = 256
     rows_per_chunk: int = 1
     val_fraction: float = DEFAULT_VAL_FRACTION
+    device: str = "cpu"
+    max_task_memory_gb: float | None = None
 
     def as_attrs(self) -> dict:
-        """What fixes the fitted β (recorded in the group; a resume must match it)."""
+        """What fixes the fitted β (recorded in the group; a resume must match it). Not where it runs."""
         return {"holdout_models": self.holdout_models, "path_length": self.path_length,
                 "val_fraction": self.val_fraction, "tol": self.tol, "max_iter": self.max_iter}
 
 
-def _scheduler(address: str | None, workers: int):
-    """(dask `get`/scheduler name, kwargs) for threads, Dask-on-Ray or dask.distributed."""
+@dataclass(frozen=True)
+class _Scheduler:
+    get: object  # a dask scheduler name or `get`
+    kwargs: dict
+    on_ray: bool = False
+
+    def share(self, value, name: str):
+        """`value` as a task argument that reaches the workers once: one `ray.put` on Ray (Dask-on-Ray resolves
+        the reference in each task), else one graph key its tasks depend on."""
+        if self.on_ray:
+            import ray
+
+            return ray.put(value)
+        return dask.delayed(value, name=name)
+
+
+def _scheduler(address: str | None, workers: int) -> _Scheduler:
+    """Threads, Dask-on-Ray or dask.distributed."""
     if address and address.startswith("tcp://"):
         try:
             from distributed import Client
         except ImportError:
             raise DmmError("a tcp:// address needs dask.distributed; pip install distributed") from None
-        return Client(address).get, {}
+        return _Scheduler(Client(address).get, {})
     if cluster_address(address):
         connect(address)
         try:
             from ray.util.dask import ray_dask_get
         except ImportError as e:
             raise DmmError(f"Dask-on-Ray cannot be imported ({e}); pip install pandas pyarrow") from None
-        return ray_dask_get, {}
-    return "threads", {"num_workers": workers}
+        return _Scheduler(ray_dask_get, {}, on_ray=True)
+    return _Scheduler("threads", {"num_workers": workers})
 
 
-def _fit_and_write(store_url, prefix, chunk, masks_fit, logits_fit, masks_lds, logits_lds, labels, config):
-    """A worker's task. `store_url` is the store's normalised URL (`store.url`): a worker may run in another cwd."""
-    fit = fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels,
+def _design(masks, fit_rows: slice, config: FitConfig):
+    """A worker's task, once per fit: the design shared by every chunk (the fitting models' train/val split)."""
+    train, val = validation_split(fit_rows.stop - fit_rows.start, config.val_fraction)
+    fit = masks[fit_rows]
+    return build_design(fit[train], fit[val], device=resolve_device(config.device))
+
+
+def _fit_and_write(store_url, prefix, chunk, masks, design, splits, logits_fit, logits_lds, labels, config):
+    """A worker's task. `store_url` is the store's normalised URL (`store.url`): a worker may run in another cwd.
+    `splits` = (fitting rows, held-out rows) of `masks`."""
+    fit_rows, lds_rows = splits
+    fit = fit_target_chunk(masks[fit_rows], logits_fit, masks[lds_rows], logits_lds, labels,
                            path_length=config.path_length, val_fraction=config.val_fraction,
-                           tol=config.tol, max_iter=config.max_iter)
+                           tol=config.tol, max_iter=config.max_iter, design=design,
+                           device=resolve_device(config.device))
     group = AttributionStore.open(store_url, "r+").fit_group(prefix)
     group.write_chunk(chunk, fit.weight, fit.bias, fit.lam, fit.lds, fit.lds_margin)
     return chunk
@@ -86,12 +126,20 @@ def _watch(group, total: int, stop: threading.Event) -> None:
 def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | None = None,
               workers: int = 1, prefix: str = "datamodels") -> dict:
     """Fit every missing target chunk of `prefix` and return the LDS summaries."""
-    store = AttributionStore.open(store_url, "r+")
+    store = AttributionStore.open(store_url)
     blocks = store.completed_blocks()
     if not blocks:
         raise DmmError(f"store {store.url} has no completed subset models; run `dmm estimate` first")
     masks = store.read_masks(blocks)
     fit_rows, lds_rows = holdout_split(len(masks), config.holdout_models)
+    train, val = validation_split(fit_rows.stop - fit_rows.start, config.val_fraction)
+    spec = store.spec
+    check_task_memory(config.max_task_memory_gb, n=spec.n_train, points=min(config.targets_per_chunk, spec.n_points),
+                      k=spec.num_classes, m_train=train.stop - train.start, m_val=val.stop - val.start)
+    scheduler = _scheduler(address, workers)
+    if not scheduler.on_ray:
+        resolve_device(config.device)  # on a cluster the workers' GPUs count, not this machine's
+    store = AttributionStore.open(store_url, "r+")
     rows = np.concatenate([np.arange(store.block_rows(b).start, store.block_rows(b).stop) for b in blocks])
     data = load_dataset(store.spec.dataset)
     check_fingerprint(data, store.fingerprint, f"store {store.url}")
@@ -105,13 +153,17 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     logits = da.from_zarr(store.zarr_array("subsets/logits"),
                           chunks=(store.block_size, group.target_chunk, store.spec.num_classes))[rows]
     labels = data.all_labels().numpy()
+    missing = group.missing_chunks()
+    if missing:
+        shared = scheduler.share(masks, "fit-masks")
+        design = dask.delayed(_design)(shared, fit_rows, config, dask_key_name="fit-design")
     tasks = []
-    for chunk in group.missing_chunks():
+    for chunk in missing:
         sl = group.target_slice(chunk)
         tasks.append(dask.delayed(_fit_and_write)(
-            store.url, prefix, chunk, masks[fit_rows], logits[fit_rows, sl], masks[lds_rows],
+            store.url, prefix, chunk, shared, design, (fit_rows, lds_rows), logits[fit_rows, sl],
             logits[lds_rows, sl], labels[sl], config, dask_key_name=f"fit-chunk-{chunk}"))
-    get, kwargs = _scheduler(address, workers)
+    get, kwargs = scheduler.get, scheduler.kwargs
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(group, group.num_chunks, stop), daemon=True)
     watcher.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from attribution.evaluation import model_logits
+from attribution.fit_group import fit_group_attrs
 from attribution.store import FIT_PREFIXES, AttributionStore, FitGroup
 
 from .errors import MatchingError
@@ -18,10 +19,11 @@ def fitted_group(store: AttributionStore, attribution: str) -> FitGroup:
     """The complete `datamodels/` or `trak/` group of the store; a one-line error otherwise."""
     if attribution not in FIT_PREFIXES:
         raise MatchingError(f"unknown attribution {attribution!r}; choose one of {', '.join(FIT_PREFIXES)}")
-    if not store.has_fit_group(attribution):
+    attrs = fit_group_attrs(store, attribution)
+    if attrs is None:
         raise MatchingError(f"store {store.url} has no fitted {attribution}; run the {attribution} fit stage first "
                             "or choose the other --attribution")
-    fit = store.fit_group(attribution)
+    fit = FitGroup(store, attribution, attrs)
     if not fit.is_complete():
         raise MatchingError(f"store {store.url} has {len(fit.completed_chunks())}/{fit.num_chunks} {attribution} "
                             "target chunks fitted; finish the fit stage first")

@@ -20,7 +20,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from attribution.store import AttributionStore
-from attribution.store_zarr import COMPRESSORS, array_attrs, has_scheme
+from attribution.store_zarr import COMPRESSORS, array_attrs, get_array, has_scheme
 
 from .errors import MatchingError
 from .lease import Lease, busy_error
@@ -68,9 +68,10 @@ def _parse(text: str, position: int, url: str) -> LedgerEntry:
 
 def read_ledger(store: AttributionStore) -> list[LedgerEntry]:
     """All recorded requests, oldest first (a trailing slot of an interrupted append is skipped)."""
-    if not store.has(LEDGER):
+    arr = get_array(store.group, LEDGER)
+    if arr is None:
         return []
-    texts = [str(t) for t in store.zarr_array(LEDGER)[:]]
+    texts = [str(t) for t in arr[:]]
     while texts and not texts[-1]:
         texts.pop()
     return [_parse(t, i, store.url) for i, t in enumerate(texts)]
@@ -79,8 +80,8 @@ def read_ledger(store: AttributionStore) -> list[LedgerEntry]:
 def append_entry(store: AttributionStore, entry: LedgerEntry) -> None:
     """Write `entry` into slot entry.id − 1 (under `store_lock`, with id = len(read_ledger(store)) + 1)."""
     slot = entry.id - 1
-    if store.has(LEDGER):
-        arr = store.zarr_array(LEDGER)
+    arr = get_array(store.group, LEDGER)
+    if arr is not None:
         if arr.shape[0] <= slot:
             arr.resize((slot + 1,))
     else:  # created with the first entry's slot (one metadata write fewer than creating it empty and growing it)

@@ -213,9 +213,9 @@ def test_bad_sisa_shapes_are_one_line_errors_that_write_nothing(tmp_path, capsys
     assert code == 2 and needle in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.filterwarnings("ignore:model 'resnet9' has BatchNorm")
 def test_sisa_on_the_resnet9_path_with_batchnorm_buffers():
-    """BatchNorm models train their shards one at a time (`train_batched`'s fallback), from the checkpoints."""
+    """BatchNorm models train their shards batched (`train_batched`), from the checkpoints; a shard retrained
+    alone equals the one trained from scratch beside another shard to float rounding (grouped convolutions)."""
     rng = np.random.default_rng(0)
     images = make_dataset("tiny-cifar", rng.normal(size=(24, 3, 16, 16)), rng.integers(0, 4, 24),
                           rng.normal(size=(8, 3, 16, 16)), rng.integers(0, 4, 8), num_classes=4)
@@ -228,7 +228,8 @@ def test_sisa_on_the_resnet9_path_with_batchnorm_buffers():
     before, after = stage_states(ensemble), stage_states(out)
     assert [[not same(after[s][r], before[s][r]) for r in range(2)] for s in range(2)] == [[False, True], [False, False]]
     scratch, _ = train_sisa("resnet9", images, recipe, 0, 2, 2, excluded=forget)
-    assert all(same(a, b) for sa, sb in zip(after, stage_states(scratch)) for a, b in zip(sa, sb))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5)
+               for sa, sb in zip(after, stage_states(scratch)) for a, b in zip(sa, sb) for k in a)
     assert model_logits(out, images.x_test).shape == (8, 4)
 
 

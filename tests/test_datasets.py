@@ -1,4 +1,7 @@
-"""Dataset registry (attribution/datasets.py): digits, mnist1d, cifar10 (tiny local archive), npz:PATH."""
+"""Dataset registry (attribution/datasets.py): digits, mnist1d, cifar10 (tiny generated archive), npz:PATH.
+
+uint8 images in npz:PATH and npy:DIR shards: tests/test_dataset_files.py.
+"""
 
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ def test_fingerprint_changes_with_one_value_and_with_the_split(digits):
 def test_unknown_dataset_name():
     with pytest.raises(DatasetError) as e:
         load_dataset("imagenet")
-    assert_one_line(e.value, "imagenet", "digits", "npz:PATH")
+    assert_one_line(e.value, "imagenet", "digits", "npz:PATH", "npy:DIR")
 
 
 # ---------------------------------------------------------------- mnist1d
@@ -157,6 +160,35 @@ def test_read_tiny_cifar10_archive(tmp_path):
     np.testing.assert_allclose(data.x_test.numpy(),
                                (raw_te / 255.0 - CIFAR10_MEAN[:, None, None]) / CIFAR10_STD[:, None, None],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_generated_archive_loads_through_the_registry(tmp_path, monkeypatch):
+    # the registry's own path: $DMM_DATA, md5 check, parse, chunked normalisation; no download
+    from attribution import dataset_files, datasets
+
+    batches = tiny_batches(seed=3)
+    path = write_archive(tmp_path / "cifar-10-python.tar.gz", batches)
+    monkeypatch.setenv("DMM_DATA", str(tmp_path))
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(datasets, "_LOADED", {})
+    monkeypatch.setattr(datasets.urllib.request, "urlretrieve", lambda *a: pytest.fail("downloaded"))
+    monkeypatch.setattr(dataset_files, "CHUNK_ELEMENTS", 3 * 3072)  # 3 images a step: each batch of 4 takes 2
+    data = load_dataset("cifar10", download=True)
+    assert data.name == "cifar10" and data.x_train.shape == (5 * BATCH, 3, 32, 32)
+
+    def normalise(rows):  # the formula in float32, as before the chunked conversion: same bits
+        x = np.concatenate(rows).reshape(-1, 3, 32, 32).astype(np.float32)
+        return (x / 255.0 - CIFAR10_MEAN[:, None, None]) / CIFAR10_STD[:, None, None]
+    x_tr = normalise([batches[n][b"data"] for n in BATCH_NAMES[:5]])
+    x_te = normalise([batches["test_batch"][b"data"]])
+    np.testing.assert_array_equal(data.x_train.numpy(), x_tr)
+    np.testing.assert_array_equal(data.x_test.numpy(), x_te)
+    y_tr = np.array(sum((batches[n][b"labels"] for n in BATCH_NAMES[:5]), []), dtype=np.int64)
+    y_te = np.array(batches["test_batch"][b"labels"], dtype=np.int64)
+    h = hashlib.sha256()  # the fingerprint's definition, by hand
+    for part, arr in zip(("x_train", "y_train", "x_test", "y_test"), (x_tr, y_tr, x_te, y_te)):
+        h.update(f"{part}:{arr.dtype.str}:{arr.shape}".encode() + arr.tobytes())
+    assert data.fingerprint == h.hexdigest()
 
 
 def test_cifar10_archive_download_and_checksum(tmp_path):

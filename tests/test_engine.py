@@ -187,27 +187,26 @@ def bn_mlp(input_shape, num_classes):
                          nn.Linear(16, num_classes))
 
 
-def test_batchnorm_falls_back_to_one_model_path_and_says_so_once(digits):
+def test_a_batchnorm_mlp_trains_batched_as_one_model_does(digits):
+    """BatchNorm1d on (batch, features): per-model batch statistics, short last batches (300 = 4·64 + 44)
+    included, and per-model running statistics, used by the eval-mode logits."""
     recipe = short(default_recipe("digits"), 2)
     masks = unequal_masks(digits.n_train, [300, 500, 900])
     seeds = [0, 1, 2]
     name = "test_engine:bn_mlp"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: no one-at-a-time fallback
         result = train_batched(name, digits, recipe, seeds, masks)
-        train_batched(name, digits, recipe, seeds, masks)
-    fallback = [w for w in caught if "BatchNorm" in str(w.message)]
-    assert len(fallback) == 1
     x_all = digits.all_inputs()
     for b, (seed, mask) in enumerate(zip(seeds, masks)):  # model b: its own seed and subset, buffers included
         model = train_model(name, digits, recipe, seed, mask)
         state = model.state_dict()
         assert set(result.state) == set(state) and "2.running_mean" in state
         for k, v in state.items():
-            torch.testing.assert_close(result.state[k][b], v, rtol=0, atol=0, msg=f"model {b}, {k}")
+            torch.testing.assert_close(result.state[k][b], v, rtol=0, atol=1e-4, msg=f"model {b}, {k}")
         with torch.no_grad():  # eval mode: running statistics, so a point's logits do not depend on its batch
             expected = torch.cat([model(x) for x in x_all.split(100)])
-        torch.testing.assert_close(result.logits[b], expected, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(result.logits[b], expected, rtol=0, atol=1e-4)
     assert not torch.equal(result.state["2.running_mean"][0], result.state["2.running_mean"][1])
 
 

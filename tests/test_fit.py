@@ -1,4 +1,5 @@
-"""`dmm fit` (cluster/fit.py): chunked Dask fit into the store, LDS, resume, refusal, Dask-on-Ray, CLI, layout.
+"""`dmm fit` (cluster/fit.py): chunked Dask fit into the store, LDS, resume, refusal, Dask-on-Ray, CLI, layout,
+the design shared by every chunk, the masks put once, --device and --max-task-memory.
 
 One small store for the whole file: the class-balanced digits subset (300 train / 500 points) with
 200 trained subset models and no datamodels; tests fit copies of it with a cheap solver.
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 import zarr
 from sklearn.linear_model import Lasso
 from zarr.storage import LocalStore
 
+from attribution import fit_memory, lasso_stats
+from attribution.datamodels import fit_target_chunk
 from attribution.engine import train_batched
 from attribution.errors import DmmError
 from attribution.recipes import default_recipe
@@ -62,11 +66,21 @@ def copy_of(base: DigitsStore, dest: Path) -> str:
     return str(dest)
 
 
+def counting_gram_rows(mp: pytest.MonkeyPatch) -> list[int]:
+    """The number of mask rows of every XᵀX pass (`lasso_stats.gram_pass`) from now on."""
+    rows, real = [], lasso_stats.gram_pass
+    mp.setattr(lasso_stats, "gram_pass", lambda xtx, X: (rows.append(len(X)), real(xtx, X))[1])
+    return rows
+
+
 @pytest.fixture(scope="module")
 def fitted(base, tmp_path_factory):
-    """(url, report) of a copy fitted with local threads; treat it as read-only."""
+    """(url, report, rows of each XᵀX pass) of a copy fitted with local threads; treat it as read-only."""
     url = copy_of(base, tmp_path_factory.mktemp("fitted") / "s.zarr")
-    return url, fit_store(url, CONFIG)
+    with pytest.MonkeyPatch.context() as mp:
+        rows = counting_gram_rows(mp)
+        report = fit_store(url, CONFIG)
+    return url, report, rows
 
 
 def read_fit(url: str) -> dict[str, np.ndarray]:
@@ -83,7 +97,7 @@ def test_fit_writes_every_chunk_and_each_regression_is_sklearns_lasso_at_its_lam
     """A sampled stored (β, β0) minimises scikit-learn's Lasso objective on all 180 fitting models at the
     stored λ (the refit after λ is chosen) up to the cheap solver's tolerance (tol 1e-3, cut at 50
     iterations), with β0 the profiled intercept ȳ − x̄ᵀβ, and β = 0 exactly when λ ≥ λ_max = ‖X_cᵀy_c‖∞/m."""
-    url, report = fitted
+    url, report, _ = fitted
     store = AttributionStore.open(url)
     group = store.fit_group("datamodels")
     assert group.num_chunks == 4 and group.is_complete()
@@ -112,7 +126,7 @@ def spearman_or_zero(pred: np.ndarray, real: np.ndarray) -> float:
 
 
 def test_stored_lds_is_spearman_over_the_held_out_models(base, fitted):
-    url, report = fitted
+    url, report, _ = fitted
     store = AttributionStore.open(url)
     masks, logits, _ = store.read()
     hold_masks, hold_logits = masks[:20].astype(np.float64), logits[:20].astype(np.float64)
@@ -163,10 +177,34 @@ def test_rerun_with_other_settings_is_refused_and_writes_nothing(fitted, tmp_pat
     assert tree_hashes(Path(url)) == digest
 
 
-def test_dask_on_ray_gives_the_threads_result(ray_session, base, fitted, tmp_path):
+def test_every_chunk_shares_one_design_and_gets_the_bytes_of_a_design_of_its_own(base, fitted):
+    """One XᵀX pass over the 180 fitting models for the 4 chunks (162 train rows, then the 18 validation rows
+    added), and each chunk's β, β0, λ and LDS are the bytes `fit_target_chunk` gives with a design it builds
+    itself (as every task did before the design was shared)."""
+    url, _, rows = fitted
+    assert rows == [162, 18]
+    store = AttributionStore.open(url)
+    masks, logits, _ = store.read()
+    got, labels = read_fit(url), base.data.all_labels().numpy()
+    for sl in (slice(128, 256), slice(384, 500)):  # a full chunk and the partial last one
+        own = fit_target_chunk(masks[20:], logits[20:, sl], masks[:20], logits[:20, sl], labels[sl],
+                               path_length=CONFIG.path_length, tol=CONFIG.tol, max_iter=CONFIG.max_iter)
+        for name in FIT_ARRAYS:
+            stored = got[name][:, sl] if name == "weight" else got[name][sl]
+            assert stored.tobytes() == getattr(own, name).astype(np.float32).tobytes(), name  # as stored
+
+
+def test_dask_on_ray_puts_the_masks_once_and_gives_the_threads_result(ray_session, base, fitted, tmp_path,
+                                                                      monkeypatch):
+    import ray
+
+    puts, real_put = [], ray.put
+    monkeypatch.setattr(ray, "put", lambda value, **kw: (puts.append(value), real_put(value, **kw))[1])
     url = copy_of(base, tmp_path / "s.zarr")
     report = fit_store(url, CONFIG, address=ray_session)
     assert report["chunks_fitted"] == 4
+    assert len(puts) == 1  # the masks, once for the design task and all 4 chunk tasks
+    np.testing.assert_array_equal(puts[0], AttributionStore.open(url).read_masks())
     want, got = read_fit(fitted[0]), read_fit(url)
     for name in FIT_ARRAYS:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, equal_nan=True, err_msg=name)
@@ -184,7 +222,8 @@ def test_cli_prints_the_lds_summary(fitted, tmp_path, monkeypatch, capsys):
     AttributionStore.open(url, "r+").fit_group("datamodels").done[0] = False
     # the CLI exposes no solver tolerances: give it the test's cheap ones (part of the group's config)
     monkeypatch.setattr(commands_fit, "FitConfig", CheapFitConfig)
-    rc = main(["fit", "--store", url, "--holdout-models", "20", "--path-length", "4", "--targets-per-chunk", "128"])
+    rc = main(["fit", "--store", url, "--holdout-models", "20", "--path-length", "4", "--targets-per-chunk", "128",
+               "--device", "cpu", "--max-task-memory", "0.04"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "fitted 1 target chunks on 180 subset models; LDS on 20 held-out models:" in out
@@ -219,7 +258,7 @@ class RecordingStore(LocalStore):
 
 
 def test_weight_chunks_let_a_forget_set_read_only_its_rows(fitted):
-    url, _ = fitted
+    url, _, _ = fitted
     group = AttributionStore.open(url).fit_group("datamodels")
     n, p, k = group.weight.shape
     assert group.weight.chunks == (1, 128, k) and (n, p, k) == (300, 500, 10)
@@ -234,3 +273,35 @@ def test_weight_chunks_let_a_forget_set_read_only_its_rows(fitted):
     touched = {tuple(int(i) for i in key.split("/")[-3:]) for key in chunk_keys}
     assert touched == {(r, j, 0) for r in rows for j in range(4)}  # 5 rows × 4 target chunks, nothing else
     assert len(chunk_keys) == len(touched)
+
+
+def test_device_and_memory_bound_are_refused_in_one_line_before_the_store_is_touched(base, tmp_path, capsys):
+    """The chunk of 128 targets needs, by `fit_memory`'s formula (n = 300, 180 fitting models of which 18
+    validate, t = 10 T regressions): shared 2·300²·4 + 180·300 = 774,000 B; chunk max(16·180·t, 80·300·t)
+    + 18·300·4 + 1024·300·8 + 4·180·t = 2,479,200 + 24,720·t B. Under 0.02 GB that allows T ≤ 67."""
+    url = copy_of(base, tmp_path / "s.zarr")
+    digest = tree_hashes(Path(url))
+    args = ["fit", "--store", url, "--holdout-models", "20", "--targets-per-chunk", "128"]
+    cases = [(["--max-task-memory", "0.02"], "needs 0.0349 GB, over --max-task-memory 0.02 GB; "
+                                             "fix: pass --targets-per-chunk 67 or less"),
+             (["--max-task-memory", "0.0005"], "the shared design and masks alone need 0.000774 GB"),
+             (["--max-task-memory", "-1"], "pass a positive size"),
+             (["--device", "tpu"], "unknown device 'tpu'; use --device cpu")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "this machine has no CUDA GPU"))
+    for extra, words in cases:
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dmm: error:") and "\n" not in err and words in err, err
+    assert tree_hashes(Path(url)) == digest
+    assert not AttributionStore.open(url).has_fit_group("datamodels")
+
+
+def test_task_memory_at_cifar10_scale_is_the_stated_number():
+    """n = 50,000 points, 50,000 models of which 100 held out and ⌈0.1·49,900⌉ = 4,990 validate, T = 256, k = 10:
+    the shared Gram pair 2·50,000²·4 B = 20 GB, the masks 2.5 GB; the chunk 80·50,000·2,560 = 10.24 GB, plus X_val
+    4,990·50,000·4 B, a row block 1,024·50,000·8 B and the logits 4·49,900·2,560 B (fit_memory's docstring)."""
+    n, t, m_train, m_val = 50_000, 2_560, 44_910, 4_990
+    assert fit_memory.shared_bytes(n, m_train + m_val) == 20_000_000_000 + 2_495_000_000
+    assert fit_memory.chunk_bytes(n, t, m_train, m_val) == 10_240_000_000 + 998_000_000 + 409_600_000 + 510_976_000
+    assert round(fit_memory.task_bytes(n, t, m_train, m_val) / 1e9, 1) == 34.7

@@ -1,4 +1,4 @@
-"""Tests for the batched L1 datamodel solver (attribution/lasso.py)."""
+"""Tests for the batched L1 datamodel solver (attribution/lasso.py) and its shared design (lasso_stats.py)."""
 
 import warnings
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
+from attribution import lasso_stats
 from attribution.lasso import (
     LassoFit,
     fit_datamodels,
@@ -14,6 +15,7 @@ from attribution.lasso import (
     lasso_objective,
     solve_lasso,
 )
+from attribution.lasso_stats import build_design
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -156,3 +158,79 @@ def test_bad_input_raises_clear_errors():
     W = np.zeros((X.shape[1], 2), np.float32)
     _one_line_error(lambda: lasso_objective(X, Y, W.T, np.zeros(2), lam), "weight")
     _one_line_error(lambda: fit_datamodels(X[:100], Y[:100], X[100:], Y[100:], patience=0), "patience")
+
+
+FIT_FIELDS = ("weight", "bias", "lam", "val_mse")
+
+
+def test_shared_design_is_the_centred_gram_of_each_split():
+    """G = X_cᵀX_c/m of the train rows and of train + val (numpy float64 reference, float32 rounding), the
+    column sums exact, and L a bound 5 % above the top eigenvalue."""
+    X, _ = _problem(m=300, n=40, seed=5)
+    d = build_design(X[:250], X[250:])
+    assert d.train.G.dtype == np.float32 and d.train.G.shape == (40, 40)
+    for mo, Xs in ((d.train, X[:250]), (d.full, X)):
+        Xc = Xs - Xs.mean(0)
+        G = Xc.T @ Xc / len(Xs)
+        assert mo.m == len(Xs) and np.array_equal(mo.colsum, Xs.sum(0).astype(np.float64))
+        np.testing.assert_allclose(mo.G, G, rtol=0, atol=2e-7)
+        top = np.linalg.eigvalsh(G)[-1]
+        assert 1.04 * top < mo.L <= 1.05 * top + 1e-9
+
+
+def test_row_blocks_change_no_bit_of_the_gram_and_the_fit(monkeypatch):
+    """XᵀX of 0/1 masks is exact in float32 in any order, so 7-row blocks give the single GEMM's bytes; X_cᵀY_c
+    is summed in float64 per block, so the fit may move by float rounding (measured: not at all here)."""
+    X, Y = _problem(m=260, n=40, t=8, seed=6, noise=2.0)
+    one = build_design(X[:200], X[200:])
+    fit_one = fit_datamodels(X[:200], Y[:200], X[200:], Y[200:], path_length=8)
+    monkeypatch.setattr(lasso_stats, "ROW_BLOCK", 7)
+    blocked = build_design(X[:200], X[200:])
+    assert blocked.train.G.tobytes() == one.train.G.tobytes() and blocked.full.G.tobytes() == one.full.G.tobytes()
+    fit_blocked = fit_datamodels(X[:200], Y[:200], X[200:], Y[200:], path_length=8)
+    for f in FIT_FIELDS:
+        np.testing.assert_allclose(getattr(fit_blocked, f), getattr(fit_one, f), rtol=1e-6, atol=1e-7, err_msg=f)
+
+
+def test_a_shared_design_gives_each_chunk_the_bytes_of_its_own_and_is_built_once(monkeypatch):
+    X, Y = _problem(m=260, n=40, t=8, seed=7, noise=2.0)
+    Xtr, Xva = X[:200], X[200:]
+    rows = []
+    real = lasso_stats.gram_pass
+    monkeypatch.setattr(lasso_stats, "gram_pass", lambda xtx, Xs: (rows.append(len(Xs)), real(xtx, Xs))[1])
+    design = build_design(Xtr, Xva)
+    assert sum(rows) == 260  # one pass of XᵀX over the masks' rows
+    for cols in (slice(0, 3), slice(3, 8)):  # two target chunks on one design
+        rows.clear()
+        shared = fit_datamodels(Xtr, Y[:200, cols], Xva, Y[200:, cols], path_length=8, design=design,
+                                device=torch.device("cpu"))
+        assert rows == []
+        own = fit_datamodels(Xtr, Y[:200, cols], Xva, Y[200:, cols], path_length=8)
+        assert sum(rows) == 260
+        for f in FIT_FIELDS:
+            assert getattr(shared, f).tobytes() == getattr(own, f).tobytes(), f
+
+
+def test_a_design_of_other_masks_or_dtype_is_refused():
+    X, Y = _problem(m=260, n=40, t=2, seed=8)
+    Xtr, Xva, Ytr, Yva = X[:200], X[200:], Y[:200], Y[200:]
+    design = build_design(Xtr, Xva)
+    flipped = Xtr.copy()
+    flipped[0] = ~flipped[0]
+    _one_line_error(lambda: fit_datamodels(flipped, Ytr, Xva, Yva, design=design), "other masks", "build_design")
+    _one_line_error(lambda: fit_datamodels(Xtr[:150], Ytr[:150], Xva, Yva, design=design), "other masks")
+    _one_line_error(lambda: fit_datamodels(Xtr, Ytr, X[150:210], Y[150:210], design=design), "other masks")
+    _one_line_error(lambda: fit_datamodels(Xtr, Ytr, Xva, Yva, design=build_design(Xtr)), "no validation rows")
+    _one_line_error(lambda: fit_datamodels(Xtr, Ytr, Xva, Yva, design=design, dtype=torch.float64), "float64")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_solver_on_a_gpu_matches_the_cpu():
+    X, Y = _problem(m=260, n=40, t=8, seed=9, noise=2.0)
+    cpu = fit_datamodels(X[:200], Y[:200], X[200:], Y[200:], path_length=8, dtype=torch.float64)
+    design = build_design(X[:200], X[200:], dtype=torch.float64, device="cuda")
+    gpu = fit_datamodels(X[:200], Y[:200], X[200:], Y[200:], path_length=8, dtype=torch.float64,
+                         design=design, device="cuda")
+    np.testing.assert_allclose(gpu.lam, cpu.lam, rtol=1e-9)
+    np.testing.assert_allclose(gpu.weight, cpu.weight, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gpu.bias, cpu.bias, rtol=0, atol=1e-5)

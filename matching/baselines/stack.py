@@ -6,8 +6,8 @@ The forward pass is a chain of batched matmuls for a Flatten → Linear → ReLU
 (`attribution.grouped_mlp.linear_chain`; several times cheaper than vmap on a CPU) and `vmap(functional_call)`
 over the model axis for any other. A training step's gradients (`gradient_function`) are backpropagated by
 hand through a chain, as the engine trains it (`GroupedMLP.backward`), and by autograd through any other
-model. A model with BatchNorm cannot be vmapped in training mode, so its stacks hold one model
-(`apply_method` then loops over the models).
+model. BatchNorm in training mode normalises each model's batch by its own statistics and moves its own
+running statistics: vmap runs `F.batch_norm` with the stacked (N, C) buffers (in_dims=0) in place.
 """
 from __future__ import annotations
 
@@ -21,11 +21,9 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from attribution.datasets import Dataset
-from attribution.engine import has_batchnorm, stacked_logits
+from attribution.engine import stacked_logits
 from attribution.grouped_mlp import GroupedMLP, linear_chain
 from attribution.recipes import Recipe
-
-from ..errors import MatchingError
 
 
 @dataclass
@@ -67,13 +65,6 @@ class ModelStack:
                 h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
                 h = torch.relu(h) if i < len(layers) - 1 else h
             return h
-        if has_batchnorm(self.base):
-            if self.size != 1:
-                raise MatchingError("a BatchNorm model cannot be stepped in a stack of several models; "
-                                    "stack one model at a time")
-            one = functional_call(self.base, ({k: v[0] for k, v in self.params.items()},
-                                              {k: v[0] for k, v in self.buffers.items()}), (x[0],))
-            return one.unsqueeze(0)
         return vmap(lambda p, b, xb: functional_call(self.base, (p, b), (xb,)))(self.params, self.buffers, x)
 
     def gradient_function(self, names: list[str]) -> Callable:

@@ -212,16 +212,28 @@ def test_a_shared_design_gives_each_chunk_the_bytes_of_its_own_and_is_built_once
 
 
 def test_a_design_of_other_masks_or_dtype_is_refused():
+    """A shared design is used only with the masks and dtype it was built from: one flipped mask, fewer train
+    rows, other validation rows, no validation rows or another dtype each get their own one-line error."""
     X, Y = _problem(m=260, n=40, t=2, seed=8)
     Xtr, Xva, Ytr, Yva = X[:200], X[200:], Y[:200], Y[200:]
     design = build_design(Xtr, Xva)
     flipped = Xtr.copy()
     flipped[0] = ~flipped[0]
-    _one_line_error(lambda: fit_datamodels(flipped, Ytr, Xva, Yva, design=design), "other masks", "build_design")
-    _one_line_error(lambda: fit_datamodels(Xtr[:150], Ytr[:150], Xva, Yva, design=design), "other masks")
-    _one_line_error(lambda: fit_datamodels(Xtr, Ytr, X[150:210], Y[150:210], design=design), "other masks")
-    _one_line_error(lambda: fit_datamodels(Xtr, Ytr, Xva, Yva, design=build_design(Xtr)), "no validation rows")
-    _one_line_error(lambda: fit_datamodels(Xtr, Ytr, Xva, Yva, design=design, dtype=torch.float64), "float64")
+    other_masks = r"^the shared design \(200 train models × 40 points\) was built from other masks; rebuild it"
+    cases = [
+        (dict(X_train=flipped, Y_train=Ytr, X_val=Xva, Y_val=Yva, design=design), other_masks),
+        (dict(X_train=Xtr[:150], Y_train=Ytr[:150], X_val=Xva, Y_val=Yva, design=design), other_masks),
+        (dict(X_train=Xtr, Y_train=Ytr, X_val=X[150:210], Y_val=Y[150:210], design=design), other_masks),
+        (dict(X_train=Xtr, Y_train=Ytr, X_val=Xva, Y_val=Yva, design=build_design(Xtr)),
+         r"^the shared design has no validation rows; build it with build_design\(X_train, X_val\)$"),
+        (dict(X_train=Xtr, Y_train=Ytr, X_val=Xva, Y_val=Yva, design=design, dtype=torch.float64),
+         r"^the shared design is in torch.float32, the fit in torch.float64; build it in the fit's dtype$"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as refused:
+            fit_datamodels(**kwargs)
+        assert "\n" not in str(refused.value)
+    assert fit_datamodels(Xtr, Ytr, Xva, Yva, design=design).weight.shape == (40, 2)  # its own masks: accepted
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

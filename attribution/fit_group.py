@@ -6,7 +6,9 @@ Once every chunk is done the driver writes ``weight_rows``, β again with one st
 training row (:func:`write_row_copy`), so a request reads |F| objects rather than |F| × ⌈p / target_chunk⌉;
 its attr ``complete`` is set last, cleared when the group is reopened to refit chunks.
 Its attrs ``target_chunk``, ``row_chunk`` and ``config`` key a resumable fit: reopening it with
-other values is a ``StoreMismatch`` unless the caller asks to refit.
+other values is a ``StoreMismatch`` unless the caller asks to refit. So does its targets spec: a group
+fitted for a target subset T (:mod:`attribution.target_subset`) has one β column per fitted target
+(n_train × |T| × k) and records the spec and ``target_ids``; everything here works on those columns.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from zarr.codecs import BytesCodec
 
 from .store_spec import SCHEMA_VERSION, StoreError, StoreMismatch, norm_json, short_value, spec_diff
 from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir, fetch_objects, get_array
+from .target_subset import IDS, Targets, group_targets
 
 if TYPE_CHECKING:
     from .store import AttributionStore
@@ -55,22 +58,35 @@ def open_fit_group(store: "AttributionStore", prefix: str) -> "FitGroup":
     return FitGroup(store, prefix, attrs)
 
 
-def refuse_other_settings(store: "AttributionStore", prefix: str, settings: dict, fix: str) -> None:
+def refuse_other_settings(store: "AttributionStore", prefix: str, settings: dict, fix: str,
+                          targets: Targets = Targets()) -> None:
     """Before anything is written: refuse to resume a ``prefix`` group fitted with other settings, naming each.
 
     ``settings`` holds ``target_chunk`` and ``row_chunk`` (compared as :func:`create_fit_group` clips them)
-    and the config entries; ``fix`` ends the one-line error (how to resume or start over).
+    and the config entries; ``targets`` the fit's targets; ``fix`` ends the one-line error (how to resume or
+    start over).
     """
-    have = fit_group_attrs(store, prefix)
-    if have is None:
+    attrs = fit_group_attrs(store, prefix)
+    if attrs is None:
         return
     s = store.spec
-    clipped = {"target_chunk": min(settings["target_chunk"], s.n_points), "row_chunk": min(settings["row_chunk"], s.n_train)}
-    have = {"target_chunk": have["target_chunk"], "row_chunk": have["row_chunk"], **have.get("config", {})}
+    clipped = {"target_chunk": min(settings["target_chunk"], targets.count(s.n_points)),
+               "row_chunk": min(settings["row_chunk"], s.n_train)}
+    have = {"target_chunk": attrs["target_chunk"], "row_chunk": attrs["row_chunk"], **attrs.get("config", {})}
     want = norm_json({**settings, **clipped}, f"{prefix} settings")
     diff = [f"{k}={short_value(have.get(k))} (now {short_value(v)})" for k, v in want.items() if have.get(k) != v]
+    diff += _targets_diff(store, prefix, attrs, targets)
     if diff:
         raise StoreMismatch(f"{prefix}/ in {store.url} was fitted with other settings: {', '.join(diff)}; fix: {fix}")
+
+
+def _targets_diff(store: "AttributionStore", prefix: str, attrs: dict, targets: Targets) -> list[str]:
+    """``targets=...`` when the group's targets (spec, then ids: an ids file may have changed) are not ``targets``."""
+    have = group_targets(attrs, lambda: store.zarr_array(f"{prefix}/{IDS}")[:])
+    if have.spec == targets.spec and (not have.is_subset or np.array_equal(have.ids, targets.ids)):
+        return []
+    same = " with other ids" if have.spec == targets.spec else ""
+    return [f"targets={have.spec!r}{same} (now {targets.spec!r})"]
 
 
 def create_fit_group(
@@ -80,10 +96,11 @@ def create_fit_group(
     row_chunk: int,
     config: dict | None = None,
     overwrite: bool = False,
+    targets: Targets = Targets(),
 ) -> "FitGroup":
-    """Create (or reopen, if identical) the ``datamodels``/``trak`` group of ``store``.
+    """Create (or reopen, if identical) the ``datamodels``/``trak`` group of ``store`` for ``targets``.
 
-    An existing group with a different target_chunk/row_chunk/config raises
+    An existing group with a different target_chunk/row_chunk/config/targets raises
     ``StoreMismatch`` unless ``overwrite=True``, which deletes it first.
     """
     store._require_writable()
@@ -92,12 +109,13 @@ def create_fit_group(
     for name, v in (("target_chunk", target_chunk), ("row_chunk", row_chunk)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise StoreError(f"{name} must be a positive int, got {v!r}; fix: pass e.g. 256")
-    tc, rc = min(int(target_chunk), s.n_points), min(int(row_chunk), s.n_train)
+    p = targets.count(s.n_points)
+    tc, rc = min(int(target_chunk), p), min(int(row_chunk), s.n_train)
     config = norm_json(config or {}, f"{prefix} config")
     want = {"target_chunk": tc, "row_chunk": rc, "config": config}
     existing = fit_group_attrs(store, prefix)
     if existing is not None:
-        diff = spec_diff(existing, want)
+        diff = spec_diff(existing, want) + _targets_diff(store, prefix, existing, targets)
         if not diff:
             group = FitGroup(store, prefix)
             if group.missing_chunks():
@@ -110,21 +128,26 @@ def create_fit_group(
             )
     if store.group.get(prefix) is not None:
         delete_dir(store.group, prefix)
-    k, nc = s.num_classes, math.ceil(s.n_points / tc)
+    k, nc = s.num_classes, math.ceil(p / tc)
+    subset = {"targets": targets.spec} if targets.is_subset else {}  # an ``all`` group is today's, bit for bit
     g = store.group.create_group(
         prefix,
         attributes={
             "fingerprint": s.fingerprint, "schema_version": SCHEMA_VERSION, "kind": prefix,
-            "target_chunk": tc, "row_chunk": rc, "config": config,
+            "target_chunk": tc, "row_chunk": rc, "config": config, **subset,
         },
     )
+    if targets.is_subset:
+        ids = g.create_array(IDS, shape=(p,), chunks=(p,), dtype="int64", compressors=COMPRESSORS, config=ARRAY_CONFIG,
+                             attributes=array_attrs(s.fingerprint, "point id of each beta column (sorted)"))
+        ids[...] = targets.ids
     nan = float("nan")
     for name, shape, chunks, fill, meaning in (
-        ("weight", (s.n_train, s.n_points, k), (rc, tc, k), 0.0, "beta[i, x, c]: effect of train point i on logit c of x"),
-        ("bias", (s.n_points, k), (tc, k), 0.0, "intercept per (x, c)"),
-        ("lam", (s.n_points, k), (tc, k), nan, "L1 strength per (x, c)"),
-        ("lds", (s.n_points, k), (tc, k), nan, "linear datamodeling score per (x, c)"),
-        ("lds_margin", (s.n_points,), (tc,), nan, "linear datamodeling score of the margin of x"),
+        ("weight", (s.n_train, p, k), (rc, tc, k), 0.0, "beta[i, x, c]: effect of train point i on logit c of x"),
+        ("bias", (p, k), (tc, k), 0.0, "intercept per (x, c)"),
+        ("lam", (p, k), (tc, k), nan, "L1 strength per (x, c)"),
+        ("lds", (p, k), (tc, k), nan, "linear datamodeling score per (x, c)"),
+        ("lds_margin", (p,), (tc,), nan, "linear datamodeling score of the margin of x"),
     ):
         g.create_array(
             name, shape=shape, chunks=chunks, dtype="float32", fill_value=fill,
@@ -143,11 +166,11 @@ def _opened_on_first_use(name: str) -> functools.cached_property:
 
 
 class FitGroup:
-    """``datamodels/`` or ``trak/``: β (n_train × n_points × k) plus per-target-chunk markers.
+    """``datamodels/`` or ``trak/``: β (n_train × |T| × k, T = every point unless a subset) plus per-chunk markers.
 
-    The fit stage owns target chunks: ``write_chunk(c, ...)`` writes all rows of targets
-    ``target_slice(c)`` (whole weight chunks in one column) and then sets ``done[c]``.
-    DM-Direct reads a few rows over all targets with :meth:`read_weight_rows`.
+    The fit stage owns target chunks: ``write_chunk(c, ...)`` writes all rows of β's columns
+    ``target_slice(c)`` (whole weight chunks in one column; points ``chunk_points(c)``) and then sets ``done[c]``.
+    DM-Direct reads a few rows over all fitted targets with :meth:`read_weight_rows`.
     """
 
     def __init__(self, store: "AttributionStore", prefix: str, attrs: dict | None = None) -> None:
@@ -157,7 +180,9 @@ class FitGroup:
         self.target_chunk = int(self.attrs["target_chunk"])
         self.row_chunk = int(self.attrs["row_chunk"])
         self.config = self.attrs.get("config", {})
-        self.num_chunks = math.ceil(store.spec.n_points / self.target_chunk)  # as create_fit_group sizes ``done``
+        self.targets = group_targets(self.attrs, lambda: store.zarr_array(f"{prefix}/{IDS}")[:])
+        self.num_targets = self.targets.count(store.spec.n_points)  # β's columns
+        self.num_chunks = math.ceil(self.num_targets / self.target_chunk)  # as create_fit_group sizes ``done``
         self.weight_rows = self.row_copy()
 
     # opened on first use: a request reads only ``weight_rows`` (each opening reads metadata)
@@ -175,8 +200,15 @@ class FitGroup:
     def target_slice(self, chunk: int) -> slice:
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or not 0 <= chunk < self.num_chunks:
             raise StoreError(f"target chunk {chunk!r} out of range [0, {self.num_chunks}); fix: use missing_chunks()")
-        n = self.store.spec.n_points
-        return slice(int(chunk) * self.target_chunk, min((int(chunk) + 1) * self.target_chunk, n))
+        return slice(int(chunk) * self.target_chunk, min((int(chunk) + 1) * self.target_chunk, self.num_targets))
+
+    def chunk_points(self, chunk: int) -> slice | np.ndarray:
+        """The point ids of chunk ``chunk``'s targets: its column slice when every point is fitted."""
+        return self.targets.points(self.target_slice(chunk))
+
+    def fitted_points(self) -> np.ndarray:
+        """The point id of each β column, sorted (every point for an ``all`` group)."""
+        return np.arange(self.num_targets) if self.targets.ids is None else self.targets.ids
 
     def completed_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(np.asarray(self.done[:], dtype=bool))]
@@ -246,7 +278,7 @@ class FitGroup:
         return np.asarray(beta.oindex[rows, t, :])
 
     def sum_weight_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Σ_{i∈rows} β_{i,x,:} for every target x, float64 (n_points × k): DM-Direct's forget effect.
+        """Σ_{i∈rows} β_{i,x,:} for every fitted target x, float64 (|T| × k): DM-Direct's forget effect.
 
         From a complete ``weight_rows`` its objects are fetched together and decoded here, ROW_BATCH rows
         at a time: Zarr's own indexing costs about 1 ms an object, most of a small request's fixed cost.
@@ -254,7 +286,7 @@ class FitGroup:
         """
         rows = self._checked_rows(rows)
         s = self.store.spec
-        total = np.zeros((s.n_points, s.num_classes), dtype=np.float64)
+        total = np.zeros((self.num_targets, s.num_classes), dtype=np.float64)
         for start in range(0, len(rows), ROW_BATCH):  # (an empty F sums to zeros)
             batch = np.zeros_like(total)
             for row in self._rows_for_sum(rows[start:start + ROW_BATCH]):

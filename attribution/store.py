@@ -304,7 +304,8 @@ class AttributionStore(SubsetBlocks):
     # ---------------------------------------------------------------- status
 
     def summary(self) -> dict:
-        """Everything `dmm status` prints: attributes, progress of each stage."""
+        """Everything `dmm status` prints: attributes, progress of each stage; a fit group for a target subset T
+        also its spec (``targets``) and |T| (``fitted_targets``), one fitted for every point neither."""
         out = {
             "url": self.url,
             "schema_version": self.attrs["schema_version"],
@@ -327,6 +328,8 @@ class AttributionStore(SubsetBlocks):
                     "row_copy": fg.weight_rows is not None,
                     "config": fg.config,
                 }
+                if fg.targets.is_subset:
+                    out[prefix].update(targets=fg.targets.spec, fitted_targets=fg.num_targets)
             else:
                 out[prefix] = None
         return out

@@ -19,6 +19,9 @@ starts (``calibration_blocks`` in the group's config, kept when the store grows 
 are held out of the fit (:func:`attribution.lds.holdout_split`, as in `dmm fit`); ``trak/lds`` and
 ``trak/lds_margin`` are the LDS of the calibrated β on them. ``trak/lam`` stays NaN (TRAK has no λ).
 
+Targets. ``run_trak(targets=SPEC)`` (:mod:`attribution.target_subset`) scores only a subset T of the points:
+target gradients are computed for those points alone and ``trak/`` holds their |T| columns.
+
 Measured on digits (mlp, 1024 subset models, H = 100, P = 179): mean margin LDS 0.45 / 0.49 / 0.51
 with C = 4 / 8 / 16 checkpoints; 0.34 with C = 16, P = 512.
 """
@@ -42,14 +45,18 @@ from . import lds as lds_mod
 from .datasets import Dataset, check_fingerprint, load_dataset
 from .engine import train_batched
 from .errors import DmmError
-from .fit_group import FitGroup, refuse_other_settings, write_row_copy
+from .fit_group import FitGroup, create_fit_group, refuse_other_settings, write_row_copy
 from .models import build_model, require_consent
 from .recipes import Recipe
 from .store import AttributionStore, StoreError
 from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs
+from .target_subset import ALL, parse_targets
 
 PREFIX = "trak"
 CHECKPOINTS = "checkpoints"  # trak/checkpoints/<state-dict entry>: C × shape, the checkpoints every chunk uses
+# traker 0.3.2's BasicProjector (CPU; CUDA without fast_jl) frees its matrix in finalize_features and rebuilds it only
+# when the checkpoint id changes or P spans several of these blocks: with one checkpoint and P <= 100, scoring crashes
+BASIC_BLOCK = 100
 
 
 class ClassLogitOutput(ImageClassificationModelOutput):
@@ -96,6 +103,10 @@ class TrakSettings:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DmmError(f"TRAK setting {name} must be a positive int, got {value!r}; fix: pass a positive int")
+        if self.checkpoints == 1 and self.proj_dim is not None and self.proj_dim <= BASIC_BLOCK:
+            raise DmmError(f"TRAK with 1 checkpoint needs proj_dim > {BASIC_BLOCK}, got {self.proj_dim}: traker "
+                           f"0.3.2's BasicProjector loses its projection matrix at P <= {BASIC_BLOCK}, its block size; "
+                           f"fix: pass --proj-dim {BASIC_BLOCK + 1} or more, or --checkpoints 2 or more")
 
     def resolve(self, n_train: int) -> "TrakSettings":
         return self if self.proj_dim is not None else replace(self, proj_dim=default_proj_dim(n_train))
@@ -115,6 +126,8 @@ class TrakReport:
     skipped: int
     calibration_models: int
     lds: dict  # lds.report(...) of the calibrated scores' LDS on the held-out models
+    targets: str = ALL  # the target spec of trak/
+    fitted_targets: int = 0  # |T|: β's columns
 
 
 def device_name() -> str:
@@ -243,14 +256,17 @@ def calibration_blocks(store: AttributionStore, overwrite: bool) -> list[int]:
 
 
 def run_trak(store: AttributionStore, settings: TrakSettings = TrakSettings(), overwrite: bool = False,
-             progress: bool = False, trust_code: bool = False) -> TrakReport:
+             progress: bool = False, trust_code: bool = False, targets: str = ALL) -> TrakReport:
     """Fill ``trak/`` chunk by chunk (done chunks are skipped) and return the LDS of the calibrated scores.
+
+    ``targets`` is the target spec (``all``, ``random:T:SEED``, ``ids:FILE``); another than the group's is refused.
 
     A resumed fit uses the subset models and checkpoints of its first chunks, whatever the store holds now.
     A `module:callable` model named by the store is imported only with `trust_code`.
     """
     spec = store.spec
     require_consent(spec.model, f"store {store.url}", trust_code)
+    fitted = parse_targets(targets, spec.n_points)
     settings = settings.resolve(spec.n_train)
     data = load_dataset(spec.dataset)
     check_fingerprint(data, spec.fingerprint, f"store {store.url}")
@@ -262,8 +278,9 @@ def run_trak(store: AttributionStore, settings: TrakSettings = TrakSettings(), o
         refuse_other_settings(store, PREFIX, {"target_chunk": settings.target_chunk, "row_chunk": settings.row_chunk,
                                               **config},
                               fix="rerun with the settings it was started with to resume, or pass --overwrite to "
-                                  "start over")
-    group = store.create_fit_group(PREFIX, settings.target_chunk, settings.row_chunk, config, overwrite=overwrite)
+                                  "start over", targets=fitted)
+    group = create_fit_group(store, PREFIX, settings.target_chunk, settings.row_chunk, config, overwrite=overwrite,
+                             targets=fitted)
     labels = data.all_labels().numpy()
     missing = group.missing_chunks()
     if missing:
@@ -275,14 +292,15 @@ def run_trak(store: AttributionStore, settings: TrakSettings = TrakSettings(), o
             traker = make_traker(data, spec.model, settings, Path(save_dir), device)
             featurize(traker, checkpoints, data, settings.batch_size, device, progress)
             for chunk in tqdm(missing, desc="TRAK target chunks", disable=not progress):
-                sl = group.target_slice(chunk)
-                scores = score_targets(traker, checkpoints, inputs[sl], spec.num_classes, f"chunk{chunk}",
+                points = group.chunk_points(chunk)
+                scores = score_targets(traker, checkpoints, inputs[points], spec.num_classes, f"chunk{chunk}",
                                        settings.batch_size, device)
-                logits = store.read_logits(blocks, targets=sl)
+                logits = store.read_logits(blocks, targets=points)
                 weight, bias = calibrate(scores, masks[fit_rows], logits[fit_rows])
-                per_class, margin = lds_mod.measure(masks[eval_rows], weight, bias, logits[eval_rows], labels[sl])
+                per_class, margin = lds_mod.measure(masks[eval_rows], weight, bias, logits[eval_rows], labels[points])
                 group.write_chunk(chunk, weight, bias, lds=per_class, lds_margin=margin)
     write_row_copy(group)  # β row-major for requests; also adds it to a complete group written before it existed
     return TrakReport(settings=settings, written=len(missing), skipped=group.num_chunks - len(missing),
                       calibration_models=fit_rows.stop - fit_rows.start,
-                      lds=lds_mod.report(group.lds[:], group.lds_margin[:], spec.n_train))
+                      lds=lds_mod.report(group.lds[:], group.lds_margin[:], fitted.train_count(spec.n_train)),
+                      targets=fitted.spec, fitted_targets=group.num_targets)

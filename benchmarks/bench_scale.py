@@ -143,7 +143,7 @@ def write_beta_rows(url: str, prefix: str, rows: np.ndarray, density: float, see
     rng = np.random.default_rng(seed)
     for i in rows:
         row = rng.standard_normal((p, K), dtype=np.float32)
-        arr[int(i)] = row * (rng.random((p, K)) < density) if density < 1 else row
+        arr[int(i)] = np.where(rng.random((p, K)) < density, row, np.float32(0)) if density < 1 else row  # +0.0
     arr.attrs.update({"complete": True})
 
 

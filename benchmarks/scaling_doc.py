@@ -114,7 +114,7 @@ def array_rows(c: dict, dm_row_ratio: float, trak_row_ratio: float, logit_ratio:
     return rows
 
 
-def render(bench: dict, training: dict | None, iters: dict | None) -> str:
+def render(bench: dict, training: dict | None, iters: dict | None, sparse: dict | None) -> str:
     c = CIFAR
     big = bench["rows"][-1]
     exps = bench["exponents"]
@@ -230,17 +230,55 @@ def render(bench: dict, training: dict | None, iters: dict | None) -> str:
             f"- The shared Gram XᵀX: n² = {ni * ni:.1e} entries, {human(2 * ni * ni * 4)} for the pair a fit holds; "
             f"one FISTA iteration over every regression is 2·n²·p·k = {2.0 * ni * ni * pi * ki:.1e} FLOPs.",
             f"- One dense β row (what a request reads per forget id) is {human(pi * ki * 4)}.", "",
-            "What the pipeline does instead (today or planned; nothing below is measured at this scale):", "",
-            "- **TRAK** (`dmm trak`, implemented): β from projected gradients of C checkpoints, no subset-model "
-            "Gram and no λ path; its cost is per-example gradients (n + targets) × C plus a P × P kernel "
-            "(P ≤ 2,048 here). Today it still writes the full dense β of every target, so the storage rows above "
-            "apply to it unchanged.",
-            "- **Datamodels for a target subset** (planned, not implemented): fit β only for the targets the "
-            "evaluation and DMM's fine-tuning read (e.g. a few thousand points), which divides every p-proportional "
-            "row above by p / |targets|.",
-            "- **Sparse β** (planned, not implemented): store the ≈ 9 % non-zeros of the L1 datamodels "
-            "(index + value) instead of zstd-compressed dense rows; a request then reads O(|F| · nnz per row).", ""]
+            "What the pipeline does instead:", ""]
+    out += instead_at_imagenet(bench, sparse)
     return "\n".join(out)
+
+
+def instead_at_imagenet(bench: dict, sparse: dict | None, subsets=(1_000, 10_000)) -> list[str]:
+    """The ImageNet section's answers: TRAK with a target subset (β = n·T·k), and sparse β as measured."""
+    ni, pi, ki = IMAGENET["n"], IMAGENET["p"], IMAGENET["k"]
+    trak_ratio = next(r for r in bench["rows"][::-1] if r["trak"])["trak"][-1]
+    trak_ratio = trak_ratio["mb_read"] * 1e6 / trak_ratio["forget"] / (bench["rows"][-1]["p"] * 10 * 4)
+    out = ["- **The datamodels regression does not run here**: its shared Gram pair alone is "
+           f"{human(2 * ni * ni * 4)}. **TRAK** (`dmm trak`) does: no subset models and no Gram of the masks; its "
+           "cost is per-example gradients of (n + targets) × C checkpoints and a P × P kernel (P ≤ 2,048 here).",
+           "- **A target subset** (`dmm trak --targets random:T:SEED` or `ids:FILE`, and the same for `dmm fit`): "
+           "β, its row copy, bias and LDS hold only T targets, so every p-proportional row above shrinks by p / T, and "
+           "TRAK computes target gradients for those T only. DM-Direct predicts the fitted targets; DMM matches on F ∩ T "
+           "and on retain points drawn from T (a request whose F lies outside T moves F only through what it shares with "
+           "R; `dmm unlearn` says how many of |F| are fitted and the ledger records it). At ImageNet, TRAK β rows dense "
+           f"(the measured stored/raw ratio {trak_ratio:.2f}):", "",
+           "| targets T | β entries n·T·k | β stored (+ the same again as the row copy) | one row (a request reads per forget id) "
+           "| \\|F\\| = 1,000 reads |", "|---|---|---|---|---|"]
+    for t in subsets:
+        row = t * ki * 4
+        out.append(f"| {t:,} | {ni * t * ki:.2e} | {human(ni * row * trak_ratio)} | {human(row * trak_ratio)} | "
+                   f"{human(1000 * row * trak_ratio)} |")
+    out += ["", f"  Against all p = {pi:,} targets: {human(ni * pi * ki * 4 * trak_ratio)} and "
+            f"{human(pi * ki * 4 * trak_ratio)} a row. k = {ki:,} per-logit columns remain the largest factor; "
+            "one margin per target (k = 1) would divide by k, but DMM matches all k logits, so it is not offered.", ""]
+    if sparse is None:
+        out.append("- **Sparse β**: not measured (pass `--sparse`, the output of `benchmarks/bench_sparse_beta.py`).")
+        return out
+    per = sparse["per_density"]
+    synth = {k: v for k, v in per.items() if k != "store"}
+    out += ["- **Sparse β, measured and not adopted** (`benchmarks/bench_sparse_beta.py`, "
+            f"{sparse['rows']} rows of p·k = {sparse['entries']:,} entries per density): an L1 datamodel row stored as "
+            "delta-coded indices + values (each zstd) against the dense row behind the same zstd, as `weight_rows` "
+            "keeps it. Zstd already turns the runs of zeros into almost nothing, so the sparse form saves "
+            f"{1 - max(v['bytes_ratio'] for v in synth.values()):.0%}–{1 - min(v['bytes_ratio'] for v in synth.values()):.0%} "
+            "of the bytes and the request's Σ_{i∈F} β_i takes "
+            f"{min(v['sum_time_ratio'] for v in synth.values()):.2f}–{max(v['sum_time_ratio'] for v in synth.values()):.2f}× "
+            "the time:", "",
+            "| rows | non-zero | dense + zstd | sparse + zstd | bytes ratio | Σ time ratio |", "|---|---|---|---|---|---|"]
+    for name, v in per.items():
+        label = "this store's datamodels (`--store`)" if name == "store" else "synthetic"
+        out.append(f"| {label} | {v['density']:.1%} | {v['dense_mb']:.2f} MB | {v['sparse_mb']:.2f} MB | "
+                   f"{v['bytes_ratio']:.2f} | {v['sum_time_ratio']:.2f} |")
+    out += ["", "  Neither changes the scale of anything above, so β stays dense behind zstd: one codec chain, read by "
+            "Zarr itself. TRAK's β has no zeros; the sparse form does not apply to it.", ""]
+    return out
 
 
 def main() -> None:
@@ -249,11 +287,12 @@ def main() -> None:
     parser.add_argument("--training", help="output of benchmarks/bench_training.py (optional)")
     parser.add_argument("--iter-store", help="a store with subset models: FISTA iterations are measured on it")
     parser.add_argument("--iter-targets", type=int, default=8, help="targets of --iter-store solved")
+    parser.add_argument("--sparse", help="output of benchmarks/bench_sparse_beta.py (optional)")
     args = parser.parse_args()
     bench = last_json(args.bench)
     training = last_json(args.training) if args.training else None
     iters = measure_iterations(args.iter_store, args.iter_targets) if args.iter_store else None
-    print(render(bench, training, iters))
+    print(render(bench, training, iters, last_json(args.sparse) if args.sparse else None))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def fit_cmd(args) -> int:
         zarr.config.set({"threading.max_workers": 1})
     config = FitConfig(holdout_models=args.holdout_models, path_length=args.path_length,
                        targets_per_chunk=args.targets_per_chunk, rows_per_chunk=args.rows_per_chunk,
-                       device=args.device, max_task_memory_gb=args.max_task_memory)
+                       device=args.device, max_task_memory_gb=args.max_task_memory, targets=args.targets)
     report = fit_store(args.store, config, address=args.address, workers=args.workers)
     print("\n".join(format_report(report)))
     return 0
@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--max-task-memory", type=float, metavar="GB",
                    help="refuse a fit whose task needs more (shared Gram 2·n²·4 B + masks + one target chunk); "
                         "the error names the largest --targets-per-chunk that fits")
+    p.add_argument("--targets", default=FitConfig.targets, metavar="SPEC",
+                   help="points to fit β for: all (default), random:T:SEED or ids:FILE (one point index a line: "
+                        "train points, then held-out); requests and LDS then use only these targets")
     p.add_argument("--address", help="Ray cluster (Dask-on-Ray) or tcp:// dask.distributed scheduler")
     p.add_argument("--workers", type=int, default=1, help="local threads (each solve is itself multi-threaded)")
     p.set_defaults(func=fit_cmd)

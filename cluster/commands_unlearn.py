@@ -138,7 +138,10 @@ def ledger_cmd(args) -> int:
 def direct_cmd(args) -> int:
     h = dm_direct_prediction(args.store, args.forget, args.model, args.attribution, trust_code=args.trust_code)
     np.save(args.out, h)
-    print(f"wrote DM-Direct logits {h.shape} (train points first) without the ids of {args.forget} -> {args.out}")
+    fitted = AttributionStore.open(args.store).fit_group(args.attribution).targets
+    only = (f"; {len(fitted.ids)} of {len(h)} points predicted (fitted with --targets {fitted.spec}), the other "
+            f"{len(h) - len(fitted.ids)} rows are NaN") if fitted.is_subset else ""
+    print(f"wrote DM-Direct logits {h.shape} (train points first) without the ids of {args.forget} -> {args.out}{only}")
     return 0
 
 

@@ -82,7 +82,7 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
             run_trak(AttributionStore.open(url, "r+"), TrakSettings())
         else:
             fit_store(url, FitConfig())
-    fitted_group(AttributionStore.open(url, "r"), source)  # a one-line error unless complete
+    fitted_group(AttributionStore.open(url, "r"), source, every_target=True)  # one-line error: incomplete, or a subset
     _write_json(out / "store.json", {"url": url, "source": source})
 
 

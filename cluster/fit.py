@@ -7,6 +7,12 @@ with T, not with the number of targets, and a rerun fits only chunks without a m
 is done, the same scheduler writes β's row-major copy (`weight_rows`, for requests); a run on a complete
 group without one (a store from before the copy existed) writes just that.
 
+`FitConfig.targets` (`--targets`, :mod:`attribution.target_subset`) fits only a subset T of the points:
+the chunks then run over β's |T| columns, and a task reads its targets' logits with one orthogonal-index
+read of its (scattered) point ids. Through the sharded layout that read fetches every inner chunk holding
+one of them: up to LOGITS_TARGET_CHUNK (256) × the task's share of the logits when T is sparse in the
+points, though never more inner chunks than the task has targets.
+
 What the chunks share is not recomputed per chunk: the masks reach the workers once (one `ray.put` on
 Ray, one graph key otherwise) and one task builds the shared design (XᵀX, column sums, ‖G‖₂ of the
 train and train + val rows, `lasso_stats.build_design`) that every chunk's task takes as its input.
@@ -37,8 +43,9 @@ from attribution.fit_memory import check_task_memory
 from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH, DEFAULT_TOL
 from attribution.lasso_stats import build_design
 from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
-from attribution.fit_group import refuse_other_settings, write_row_copy
+from attribution.fit_group import create_fit_group, refuse_other_settings, write_row_copy
 from attribution.store import AttributionStore
+from attribution.target_subset import ALL, parse_targets
 
 from .ray_runtime import cluster_address, connect
 
@@ -54,6 +61,7 @@ class FitConfig:
     val_fraction: float = DEFAULT_VAL_FRACTION
     device: str = "cpu"
     max_task_memory_gb: float | None = None
+    targets: str = ALL  # the target spec: every point, or a subset (recorded as the group's `targets` attr)
 
     def as_attrs(self) -> dict:
         """What fixes the fitted β (recorded in the group; a resume must match it). Not where it runs."""
@@ -115,6 +123,11 @@ def _fit_and_write(store_url, prefix, chunk, masks, design, splits, logits_fit, 
     return chunk
 
 
+def _target_logits(store_url, rows: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """A worker's task: the logits (rows × t × k) of a subset chunk's targets, one orthogonal-index read."""
+    return AttributionStore.open(store_url).zarr_array("subsets/logits").oindex[rows, points, :]
+
+
 def _watch(group, total: int, stop: threading.Event) -> None:
     """Progress bar over target chunks, read from the store's markers (works with any scheduler)."""
     with tqdm(total=total, initial=len(group.completed_chunks()), unit="chunk", desc="fit") as bar:
@@ -127,6 +140,7 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
               workers: int = 1, prefix: str = "datamodels") -> dict:
     """Fit every missing target chunk of `prefix` and return the LDS summaries."""
     store = AttributionStore.open(store_url)
+    targets = parse_targets(config.targets, store.spec.n_points)
     blocks = store.completed_blocks()
     if not blocks:
         raise DmmError(f"store {store.url} has no completed subset models; run `dmm estimate` first")
@@ -134,7 +148,8 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     fit_rows, lds_rows = holdout_split(len(masks), config.holdout_models)
     train, val = validation_split(fit_rows.stop - fit_rows.start, config.val_fraction)
     spec = store.spec
-    check_task_memory(config.max_task_memory_gb, n=spec.n_train, points=min(config.targets_per_chunk, spec.n_points),
+    check_task_memory(config.max_task_memory_gb, n=spec.n_train,
+                      points=min(config.targets_per_chunk, targets.count(spec.n_points)),
                       k=spec.num_classes, m_train=train.stop - train.start, m_val=val.stop - val.start)
     scheduler = _scheduler(address, workers)
     if not scheduler.on_ray:
@@ -147,8 +162,9 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     refuse_other_settings(store, prefix, {"target_chunk": config.targets_per_chunk,
                                           "row_chunk": config.rows_per_chunk, **group_config},
                           fix=f"rerun with the settings it was fitted with to resume, or delete {prefix}/ "
-                              "(or fit a copy) to refit")
-    group = store.create_fit_group(prefix, config.targets_per_chunk, config.rows_per_chunk, group_config)
+                              "(or fit a copy) to refit", targets=targets)
+    group = create_fit_group(store, prefix, config.targets_per_chunk, config.rows_per_chunk, group_config,
+                             targets=targets)
     # dask chunks = one block × one target chunk: a task reads only its targets (the zarr chunk spans all points)
     logits = da.from_zarr(store.zarr_array("subsets/logits"),
                           chunks=(store.block_size, group.target_chunk, store.spec.num_classes))[rows]
@@ -159,10 +175,14 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
         design = dask.delayed(_design)(shared, fit_rows, config, dask_key_name="fit-design")
     tasks = []
     for chunk in missing:
-        sl = group.target_slice(chunk)
+        points = group.chunk_points(chunk)
+        if targets.is_subset:
+            chunk_logits = dask.delayed(_target_logits)(store.url, rows, points, dask_key_name=f"fit-logits-{chunk}")
+        else:
+            chunk_logits = logits[:, points]
         tasks.append(dask.delayed(_fit_and_write)(
-            store.url, prefix, chunk, shared, design, (fit_rows, lds_rows), logits[fit_rows, sl],
-            logits[lds_rows, sl], labels[sl], config, dask_key_name=f"fit-chunk-{chunk}"))
+            store.url, prefix, chunk, shared, design, (fit_rows, lds_rows), chunk_logits[fit_rows],
+            chunk_logits[lds_rows], labels[points], config, dask_key_name=f"fit-chunk-{chunk}"))
     get, kwargs = scheduler.get, scheduler.kwargs
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(group, group.num_chunks, stop), daemon=True)
@@ -176,10 +196,12 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     return {
         "models": len(masks), "fitting_models": fit_rows.stop - fit_rows.start,
         "holdout_models": config.holdout_models, "chunks_fitted": len(tasks),
-        "lds": lds_report(group.lds[:], group.lds_margin[:], store.spec.n_train),
+        "targets": targets.spec, "fitted_targets": group.num_targets,
+        "lds": lds_report(group.lds[:], group.lds_margin[:], targets.train_count(store.spec.n_train)),
     }
 
 
 def format_report(report: dict) -> list[str]:
-    return [f"fitted {report['chunks_fitted']} target chunks on {report['fitting_models']} subset models; "
+    subset = "" if report["targets"] == ALL else f" of {report['fitted_targets']} targets ({report['targets']})"
+    return [f"fitted {report['chunks_fitted']} target chunks{subset} on {report['fitting_models']} subset models; "
             f"LDS on {report['holdout_models']} held-out models:", *format_lds_report(report["lds"])]

@@ -2,6 +2,9 @@
 
 Only the weight rows β_{i,·,·} of i ∈ F are read from the store. The result serves as the
 DMM targets and, on its own, as the "DM-Direct" predictor (no weights change, outputs corrected).
+
+A fit for a target subset T (`dmm fit --targets`) predicts h(x) for x ∈ T only: the convention is one
+row per point all the same, NaN in the rows of the points not fitted (:func:`fitted_targets` lists T).
 """
 from __future__ import annotations
 
@@ -10,13 +13,18 @@ import numpy as np
 from attribution.evaluation import model_logits
 from attribution.fit_group import fit_group_attrs
 from attribution.store import FIT_PREFIXES, AttributionStore, FitGroup
+from attribution.target_subset import IDS, group_targets
 
 from .errors import MatchingError
 from .inputs import forget_set, load_store_model, store_dataset
 
 
-def fitted_group(store: AttributionStore, attribution: str) -> FitGroup:
-    """The complete `datamodels/` or `trak/` group of the store; a one-line error otherwise."""
+FIT_COMMAND = {"datamodels": "fit", "trak": "trak"}  # the command that fits each attribution group
+
+
+def fitted_group(store: AttributionStore, attribution: str, every_target: bool = False) -> FitGroup:
+    """The complete `datamodels/` or `trak/` group of the store; a one-line error otherwise, or if
+    ``every_target`` (a caller that needs h(x) for every point, e.g. `dmm evaluate`) and it fits a target subset."""
     if attribution not in FIT_PREFIXES:
         raise MatchingError(f"unknown attribution {attribution!r}; choose one of {', '.join(FIT_PREFIXES)}")
     attrs = fit_group_attrs(store, attribution)
@@ -27,17 +35,30 @@ def fitted_group(store: AttributionStore, attribution: str) -> FitGroup:
     if not fit.is_complete():
         raise MatchingError(f"store {store.url} has {len(fit.completed_chunks())}/{fit.num_chunks} {attribution} "
                             "target chunks fitted; finish the fit stage first")
+    if every_target and fit.targets.is_subset:
+        raise MatchingError(f"store {store.url} has {attribution} for {fit.num_targets} of {store.spec.n_points} "
+                            f"points only (--targets {fit.targets.spec}), this needs every point; fix: fit it with "
+                            f"`dmm {FIT_COMMAND[attribution]} --targets all`")
     return fit
 
 
+def fitted_targets(store: AttributionStore | None, attribution: str) -> np.ndarray | None:
+    """The sorted point ids T the store's `attribution` group is fitted for, or None for every point (or no group)."""
+    attrs = None if store is None else fit_group_attrs(store, attribution)
+    if attrs is None:
+        return None
+    return group_targets(attrs, lambda: store.zarr_array(f"{attribution}/{IDS}")[:]).ids
+
+
 def forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:
-    """Σ_{i∈F} β_{i,x,:} for every point x (train then held-out): float64 (n_points, k)."""
+    """Σ_{i∈F} β_{i,x,:} for every fitted point x (train then held-out): float64 (|T|, k)."""
     return fit.sum_weight_rows(forget_ids)
 
 
 def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "datamodels",
                       original_logits: np.ndarray | None = None) -> np.ndarray:
-    """h(x) for every point (float32, n_points × k); θ0's logits default to the ones kept in the store."""
+    """h(x) for every point (float32, n_points × k; NaN rows where x is not fitted); θ0's logits default to the ones
+    kept in the store."""
     fit = fitted_group(store, attribution)
     if original_logits is None:
         original_logits = store.read_original_logits()
@@ -50,12 +71,16 @@ def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "d
         raise MatchingError(f"θ0 logits have shape {original_logits.shape}, the store expects {expected}; "
                             "evaluate θ0 on train then held-out points")
     effect = forget_effect(fit, forget_ids)
-    return (original_logits - effect).astype(np.float32)
+    if not fit.targets.is_subset:
+        return (original_logits - effect).astype(np.float32)
+    h = np.full(expected, np.nan, dtype=np.float32)
+    h[fit.targets.ids] = original_logits[fit.targets.ids] - effect
+    return h
 
 
 def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attribution: str = "datamodels",
                          trust_code: bool = False) -> np.ndarray:
-    """The "DM-Direct" method as a predictor: h(x) for every point, no weights changed, nothing written.
+    """The "DM-Direct" method as a predictor: h(x) for every point (NaN rows: not fitted), nothing written.
 
     f(θ0) is the model at `model_path` (checked against the store; a `module:callable` model it names is
     imported only with `trust_code`) or, without one, θ0's logits the store keeps from its first deletion

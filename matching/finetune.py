@@ -10,6 +10,10 @@ converged: after each epoch the full matching loss L = MSE(f(θ; F ∪ R), h) is
 stops once it has taken at least `min_steps` steps and the best L has not fallen by more than
 tol · L_start over the last `patience` epochs — or at `max_steps`. Every run reports L at start and
 end, the steps and epochs taken and the per-sample gradients it evaluated (`MatchingStats`).
+
+The lr is constant by default (lr_decay 1). A decay per epoch ties the schedule to |F ∪ R|: a request
+of 40 points has one step an epoch, so 0.97 per epoch left 0.2 % of the lr by step 200, and the loss
+stalled rather than converged (README, "The matching's stopping rule and its defaults").
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class MatchingConfig:
     """The fine-tuning of DMM/OM and its stopping rule (module docstring); defaults from the digits sweep (README)."""
     lr: float = 5e-3
     batch_size: int = 64
-    lr_decay: float = 0.97     # lr × lr_decay after every epoch
+    lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
     min_steps: int = 200       # at least this many optimiser steps, however small F ∪ R is
     max_steps: int = 5000      # at most this many
@@ -43,7 +47,7 @@ class MatchingConfig:
                                 f"{self.batch_size}, {self.patience}, {self.min_steps}, {self.max_steps}; raise them")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1 or not self.tol >= 0:
             raise MatchingError(f"need lr > 0, 0 < lr decay <= 1 and tol >= 0, got lr={self.lr}, "
-                                f"decay={self.lr_decay}, tol={self.tol}; e.g. --lr 5e-3 --lr-decay 0.97 --tol 1e-3")
+                                f"decay={self.lr_decay}, tol={self.tol}; e.g. --lr 5e-3 --lr-decay 1 --tol 1e-3")
         if not self.retain_ratio >= 0:
             raise MatchingError(f"retain ratio {self.retain_ratio} is negative; use r >= 0 (default 3)")
 
@@ -65,13 +69,19 @@ class MatchingStats:
         return asdict(self)
 
 
-def matching_points(forget_ids: np.ndarray, n_train: int, retain_ratio: float, seed: int) -> np.ndarray:
-    """Sorted F ∪ R, R = round(r·|F|) points drawn without replacement from S∖F (all of S∖F if fewer)."""
+def matching_points(forget_ids: np.ndarray, n_train: int, retain_ratio: float, seed: int,
+                    fitted: np.ndarray | None = None) -> np.ndarray:
+    """Sorted F ∪ R, R = round(r·|F|) points drawn without replacement from S∖F (all of S∖F if fewer).
+
+    With ``fitted`` (the point ids of a target-subset fit, whose h is known only there) both come from
+    its train points T: F ∩ T, and R from T∖F, still round(r·|F|) of them (all of T∖F if fewer).
+    """
     forget_ids = np.asarray(forget_ids, dtype=np.int64)
-    retain = np.setdiff1d(np.arange(n_train), forget_ids)
+    pool = np.arange(n_train) if fitted is None else np.asarray(fitted, dtype=np.int64)[np.asarray(fitted) < n_train]
+    retain = np.setdiff1d(pool, forget_ids)
     size = min(len(retain), int(round(retain_ratio * len(forget_ids))))
     drawn = np.random.default_rng(seed).choice(retain, size=size, replace=False)
-    return np.union1d(forget_ids, drawn)
+    return np.union1d(forget_ids if fitted is None else np.intersect1d(forget_ids, pool), drawn)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ stack of N models, each is in `STACKED_METHODS` too, which the evaluation runs o
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
-from .direct import dm_direct_targets
+from .direct import FIT_COMMAND, dm_direct_targets, fitted_targets
 from .errors import MatchingError
 from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
@@ -89,10 +90,26 @@ def unlearned_meta(meta: dict, unlearned: dict) -> dict:
 
 
 def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlearned:
-    """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R."""
-    points = matching_points(task.forget_ids, task.data.n_train, task.config.retain_ratio, task.config.seed)
+    """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R.
+
+    If the store's `task.attribution` group fits a target subset T, F ∪ R is drawn from T only (`matching_points`)
+    and the stats record `forget_fitted` = |F ∩ T|; with none of F in T the request runs on R, with a warning.
+    """
+    fitted = fitted_targets(task.store, task.attribution)
+    points = matching_points(task.forget_ids, task.data.n_train, task.config.retain_ratio, task.config.seed, fitted)
+    extra = {}
+    if fitted is not None:
+        extra["forget_fitted"] = int(np.isin(task.forget_ids, fitted).sum())
+        if len(points) == 0:
+            raise MatchingError(f"no fitted train point to match on ({task.attribution}/ fits {len(fitted)} targets, "
+                                f"none of F and no retain point); fix: refit with `dmm {FIT_COMMAND[task.attribution]} "
+                                "--targets ids:FILE` listing train points")
+        if extra["forget_fitted"] == 0:
+            warnings.warn(f"0 of the {len(task.forget_ids)} forget ids are fitted targets of {task.attribution}/ "
+                          f"({len(fitted)} targets): matching on {len(points)} retain points only; fix: refit with "
+                          f"`dmm {FIT_COMMAND[task.attribution]} --targets ids:FILE` listing them", stacklevel=2)
     model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
-    return Unlearned(model, stats.to_dict())
+    return Unlearned(model, {**stats.to_dict(), **extra})
 
 
 @register_method("dmm", needs=("store",))

@@ -148,24 +148,27 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     assert stats.loss_start == pytest.approx(1.5 ** 2 / 4) and stats.loss_end < 0.01
     assert stats.sample_grads == 16 * stats.steps and stats.steps >= MatchingConfig().min_steps
 
-    # the defaults, against the loop written out: 1,100 points are 18 minibatches of 64 (and one of 12) per
-    # epoch, so a decay per step (or none, or another factor) gives other parameters; the stop is the same
-    config = MatchingConfig()
-    assert (config.lr, config.batch_size, config.lr_decay, config.min_steps, config.max_steps, config.tol,
-            config.patience) == (5e-3, 64, 0.97, 200, 5000, 1e-3, 5)
+    # the defaults (a constant lr), and a decay per epoch, against the loop written out: 1,100 points are 18
+    # minibatches of 64 (and one of 12) per epoch, so a decay per step (or none, or another factor) gives other
+    # parameters; the stop is the same
+    defaults = MatchingConfig()
+    assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.max_steps, defaults.tol,
+            defaults.patience) == (5e-3, 64, 1.0, 200, 5000, 1e-3, 5)
     x, targets = torch.randn(1100, 5), torch.randn(1100, 4)
 
     def start():
         torch.manual_seed(1)
         return torch.nn.Linear(5, 4)
 
-    got, stats = match_logits(start(), x, targets, config)
-    want, losses, steps = reference_match(start(), x, targets, config)
+    for config in (defaults, MatchingConfig(lr_decay=0.97)):
+        got, stats = match_logits(start(), x, targets, config)
+        want, losses, steps = reference_match(start(), x, targets, config)
+        for g, w in zip(got.parameters(), want.parameters()):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        assert (stats.steps, stats.epochs) == (steps, len(losses) - 1) and config.min_steps <= steps < config.max_steps
+        assert stats.loss_start == pytest.approx(losses[0], rel=1e-6)
+        assert stats.loss_end == pytest.approx(losses[-1], rel=1e-6)
     per_step, _, _ = reference_match(start(), x, targets, config, per_step=True)
-    for g, w in zip(got.parameters(), want.parameters()):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
-    assert (stats.steps, stats.epochs) == (steps, len(losses) - 1) and config.min_steps <= steps < config.max_steps
-    assert stats.loss_start == pytest.approx(losses[0], rel=1e-6) and stats.loss_end == pytest.approx(losses[-1], rel=1e-6)
     assert max((w - s).abs().max().item() for w, s in zip(want.parameters(), per_step.parameters())) > 1e-5
     capped, capped_stats = match_logits(start(), x, targets, MatchingConfig(min_steps=5, max_steps=30))
     assert capped_stats.steps == 30 and capped_stats.sample_grads == 1100 + 12 * 64  # a whole epoch (18 steps), then 12

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from trak.projectors import BasicProjector, ProjectionType
 
 from attribution import trak
 from attribution.datasets import load_dataset
 from attribution.engine import train_batched
+from attribution.errors import DmmError
 from attribution.lds import holdout_split, predict
 from attribution.models import build_model
 from attribution.recipes import default_recipe
@@ -193,3 +195,37 @@ def test_cli_prints_lds_and_rejects_bad_holdout(tiny_store, capsys):
     assert "0 target chunks scored, 3 already done" in out and "LDS train points, margin: mean" in out
     assert main(args[:-4] + ["--holdout-models", str(NUM_MODELS)]) == 2
     assert "cannot hold out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("proj_dim", [64, trak.BASIC_BLOCK])
+def test_one_checkpoint_with_proj_dim_up_to_100_is_refused_before_anything_is_written(tiny_store, capsys, proj_dim):
+    store, _, _ = tiny_store
+    before = tree_hashes(store.url)
+    args = ["trak", "--store", store.url, "--checkpoints", "1", "--proj-dim", str(proj_dim), "--overwrite"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dmm: error: TRAK with 1 checkpoint needs proj_dim > 100, got {proj_dim}") and \
+        err.endswith("fix: pass --proj-dim 101 or more, or --checkpoints 2 or more\n") and err.count("\n") == 1
+    assert tree_hashes(store.url) == before  # --overwrite did not delete trak/
+
+
+def test_the_proj_dim_refusal_covers_the_default_and_only_one_checkpoint():
+    with pytest.raises(DmmError, match=r"needs proj_dim > 100, got 37"):
+        trak.TrakSettings(checkpoints=1).resolve(300)  # P = n/8 = 37
+    assert trak.TrakSettings(checkpoints=1, proj_dim=101).proj_dim == 101
+    assert trak.TrakSettings(checkpoints=2).resolve(300).proj_dim == 37
+
+
+@pytest.mark.parametrize("proj_dim, crashes", [(trak.BASIC_BLOCK, True), (trak.BASIC_BLOCK + 1, False)])
+def test_traker_basic_projector_loses_its_matrix_for_one_block(proj_dim, crashes):
+    """Why the refusal: finalize_features frees BasicProjector's matrix; projecting again for the same model id
+    rebuilds it only when P spans several blocks. (If traker fixes this, drop the refusal.)"""
+    projector = BasicProjector(grad_dim=16, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.normal, device="cpu")
+    projector.free_memory()
+    grads = torch.ones(2, 16)
+    if crashes:
+        with pytest.raises(AttributeError, match="proj_matrix"):
+            projector.project(grads, model_id=0)
+    else:
+        assert projector.project(grads, model_id=0).shape == (2, proj_dim)
+    assert projector.project(grads, model_id=1).shape == (2, proj_dim)  # another checkpoint id rebuilds it

@@ -4,7 +4,7 @@ Only the weight rows β_{i,·,·} of i ∈ F are read from the store. The result
 DMM targets and, on its own, as the "DM-Direct" predictor (no weights change, outputs corrected).
 
 A fit for a target subset T (`dmm fit --targets`) predicts h(x) for x ∈ T only: the convention is one
-row per point all the same, NaN in the rows of the points not fitted (:func:`fitted_targets` lists T).
+row per point all the same, NaN in the rows of the points not fitted.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import numpy as np
 from attribution.evaluation import model_logits
 from attribution.fit_group import fit_group_attrs
 from attribution.store import FIT_PREFIXES, AttributionStore, FitGroup
-from attribution.target_subset import IDS, group_targets
 
 from .errors import MatchingError
 from .inputs import forget_set, load_store_model, store_dataset
@@ -40,14 +39,6 @@ def fitted_group(store: AttributionStore, attribution: str, every_target: bool =
                             f"points only (--targets {fit.targets.spec}), this needs every point; fix: fit it with "
                             f"`dmm {FIT_COMMAND[attribution]} --targets all`")
     return fit
-
-
-def fitted_targets(store: AttributionStore | None, attribution: str) -> np.ndarray | None:
-    """The sorted point ids T the store's `attribution` group is fitted for, or None for every point (or no group)."""
-    attrs = None if store is None else fit_group_attrs(store, attribution)
-    if attrs is None:
-        return None
-    return group_targets(attrs, lambda: store.zarr_array(f"{attribution}/{IDS}")[:]).ids
 
 
 def forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:

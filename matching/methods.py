@@ -22,7 +22,7 @@ from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
-from .direct import FIT_COMMAND, dm_direct_targets, fitted_targets
+from .direct import FIT_COMMAND, dm_direct_targets
 from .errors import MatchingError
 from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
@@ -92,10 +92,12 @@ def unlearned_meta(meta: dict, unlearned: dict) -> dict:
 def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlearned:
     """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R.
 
-    If the store's `task.attribution` group fits a target subset T, F ∪ R is drawn from T only (`matching_points`)
-    and the stats record `forget_fitted` = |F ∩ T|; with none of F in T the request runs on R, with a warning.
+    Where `targets` are known only for some points T (DM-Direct's NaN rows: a fit for a target subset), F ∪ R is
+    drawn from T only (`matching_points`) and the stats record `forget_fitted` = |F ∩ T|; with none of F in T the
+    request runs on R, with a warning. Read from `targets` itself, so a request reads no more metadata.
     """
-    fitted = fitted_targets(task.store, task.attribution)
+    known = ~np.isnan(targets).any(axis=1)
+    fitted = None if known.all() else np.flatnonzero(known)
     points = matching_points(task.forget_ids, task.data.n_train, task.config.retain_ratio, task.config.seed, fitted)
     extra = {}
     if fitted is not None:

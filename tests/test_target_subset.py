@@ -27,7 +27,7 @@ from cluster.cli import main
 from cluster.eval_stages import attribution_stage
 from cluster.fit import fit_store
 from matching import methods
-from matching.direct import dm_direct_targets, fitted_targets
+from matching.direct import dm_direct_targets
 from matching.errors import MatchingError
 from matching.finetune import MatchingConfig
 from matching.inputs import store_dataset
@@ -125,7 +125,8 @@ def test_dm_direct_on_a_subset_predicts_fitted_targets_and_nan_elsewhere(stores)
     np.testing.assert_allclose(h[ids], theta0[ids] - effect, rtol=1e-5, atol=1e-5)
     others = np.setdiff1d(np.arange(N_POINTS), ids)
     assert np.isnan(h[others]).all() and not np.isnan(h[ids]).any()
-    assert fitted_targets(AttributionStore.open(stores["all"]), "datamodels") is None
+    full = dm_direct_targets(AttributionStore.open(stores["all"]), forget, original_logits=theta0)
+    assert not np.isnan(full).any()  # a fit of every point predicts every row
 
 
 def _dmm(url: str, forget: np.ndarray, monkeypatch) -> tuple[np.ndarray, dict]:

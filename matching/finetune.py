@@ -15,7 +15,8 @@ gradients it evaluated (`MatchingStats`).
 
 The lr is constant by default (lr_decay 1). A decay per epoch ties the schedule to |F ∪ R|: a request
 of 40 points has one step an epoch, so 0.97 per epoch left 0.2 % of the lr by step 200, and the loss
-stalled rather than converged (README, "The matching's stopping rule and its defaults").
+stalled rather than converged (README, "The matching's stopping rule and its defaults"). The floor of
+150 steps is the sweeps' (digits and mnist1d: 100 steps is at the edge of the 1.15× DM-Direct target, 50 misses it).
 
 Cost. On a small model a step costs about the same whatever the batch (mnist1d's CNN: ≈ 3.5 ms on one
 CPU thread for 8 to 50 points), so a request's wall time is its steps: Adam runs fused where torch has
@@ -44,7 +45,7 @@ class MatchingConfig:
     batch_size: int = 64
     lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
-    min_steps: int = 200       # at least this many optimiser steps, however small F ∪ R is
+    min_steps: int = 150       # at least this many optimiser steps, however small F ∪ R is
     max_steps: int = 5000      # at most this many
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
     patience: int = 5

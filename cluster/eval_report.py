@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ("forget_set", "method", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
+COLUMNS = ("forget_set", "method", "diverged", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
            "klom50_retain", "klom50_heldout", "acc_forget", "acc_retain", "acc_heldout", "gap_forget",
            "gap_retain", "gap_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps",
            "weight_distance", "seconds", "cost_vs_retrain", "sample_grads", "grads_vs_retrain", "steps")
@@ -28,7 +28,7 @@ def slug(forget_set: str) -> str:
 
 
 def result_row(forget_set: str, metrics: dict) -> dict:
-    row = {"forget_set": forget_set, "method": metrics["method"]}
+    row = {"forget_set": forget_set, "method": metrics["method"], "diverged": metrics.get("diverged", 0)}
     for g in GROUPS:
         row[f"klom95_{g}"] = metrics["klom"][g]["p95"]
         row[f"klom50_{g}"] = metrics["klom"][g]["median"]
@@ -63,13 +63,14 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
                                                  indent=1))
     main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "acc_forget", "acc_retain",
             "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps", "cost_vs_retrain",
-            "grads_vs_retrain")
+            "grads_vs_retrain", "diverged")
     parts = [f"# Unlearning evaluation\n\nKLoM = binned KL between margin distributions over N = {n_models} "
              f"models per population, direction KL({direction.replace('||', ' ‖ ')}); columns klom95_* are "
              "the 95th percentile over the points of each group. `retrain` is a second, independent set of "
              "oracles: its KLoM is the noise floor. mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
              "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; cost_vs_retrain = "
-             "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's.\n"]
+             "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's; "
+             "diverged = models whose logits are not finite, left out of every other column.\n"]
     for fs in dict.fromkeys(r["forget_set"] for r in rows):
         parts.append(f"\n## Forget set `{fs}`\n\n" + markdown_table([r for r in rows if r["forget_set"] == fs], main))
     parts.append("\n![KLoM per group](klom_per_group.png)\n\n![KLoM vs cost](klom_vs_cost.png)\n\n"

@@ -29,10 +29,11 @@ from attribution.evaluation import margins
 from attribution.recipes import Recipe
 from attribution.store import AttributionStore
 from matching.direct import fitted_group
+from matching.errors import MatchingError
 from matching.forget_sets import resolve_forget_set
 from matching.klom import klom, klom_summary
 from matching.layer_distance import TOTAL, layer_distances
-from matching.mia import mia_entropy, mia_svc, ulira_auc
+from matching.mia import ULIRA_MIN_MODELS, mia_entropy, mia_svc, ulira_auc
 from matching.relearn import relearn_steps
 
 from .eval_methods import apply_method, load_model_from_state, train_originals
@@ -185,37 +186,50 @@ def _distances(states, original_states) -> dict:
     return {"weight_distance": mean[TOTAL], "layer_distance": mean}
 
 
+def _kept_states(states, kept: np.ndarray):
+    return None if states is None else {k: v[torch.from_numpy(kept)] for k, v in states.items()}
+
+
 def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
-    """KLoM of the population against the oracles and the literature's other metrics (issue 12 §3–4)."""
+    """KLoM of the population against the oracles and the literature's other metrics (issue 12 §3–4).
+
+    Models whose logits are not finite (a method that diverged) are left out of every metric and counted
+    (`diverged`); every model diverged is an error naming the method."""
     data = _data(config)
     m = config["metrics"]
     labels = data.all_labels().numpy()
     forget = np.load(inputs["forget"] / "ids.npy")
     groups = groups_of(forget, data.n_train, data.n_points)
     logits = np.load(inputs["population"] / "logits.npy")
+    kept = np.isfinite(logits).all(axis=(1, 2))  # a model whose logits are not finite diverged: counted, not measured
+    if not kept.any():
+        raise MatchingError(f"{config['method']}: all {len(kept)} models diverged (non-finite logits); lower its lr "
+                            "or drop it from the spec")
+    logits = logits[kept]
     oracle_logits = np.load(inputs["oracles"] / "logits.npy")
-    original_logits = np.load(inputs["originals"] / "logits.npy")
+    original_logits = np.load(inputs["originals"] / "logits.npy")[kept]
     pop_margins = margins(torch.from_numpy(logits), torch.from_numpy(labels)).numpy().astype(np.float32)
     oracle_margins = margins(torch.from_numpy(oracle_logits), torch.from_numpy(labels)).numpy()
     values = klom(oracle_margins, pop_margins, direction=m["klom_direction"])
     acc, acc_oracle = _accuracies(logits, labels, groups), _accuracies(oracle_logits, labels, groups)
     mia_models = range(min(m["mia_models"], logits.shape[0]))
-    states = load_states(inputs["population"])
+    states = _kept_states(load_states(inputs["population"]), kept)
     timing = read_json(inputs["population"] / "timing.json")
     floor_timing = read_json(inputs["floor"] / "timing.json")
     retrain_s, retrain_grads = floor_timing["retrain_one_s"], floor_timing["sample_grads_per_model"]
     seconds = retrain_s if config["method"] == "retrain" else timing["seconds_per_model"]
     grads = timing.get("sample_grads_per_model", 0.0)
     result = {
-        "method": config["method"], "klom_direction": m["klom_direction"],
+        "method": config["method"], "klom_direction": m["klom_direction"], "diverged": int((~kept).sum()),
         "klom": klom_summary(values, groups),
         "accuracy": acc, "accuracy_oracle": acc_oracle,
         "accuracy_gap": {g: acc[g] - acc_oracle[g] for g in groups},
         "mia_svc": _mean_or_none([mia_svc(logits[i], labels, groups, seed=i) for i in mia_models]),
         "mia_entropy": _mean_or_none([mia_entropy(logits[i], labels, groups, seed=i) for i in mia_models]),
-        "ulira_auc": ulira_auc(pop_margins[:, forget], oracle_margins[:, forget], seed=config["seed"]),
+        "ulira_auc": ulira_auc(pop_margins[:, forget], oracle_margins[:, forget], seed=config["seed"])
+        if len(pop_margins) >= ULIRA_MIN_MODELS else None,  # too few models left after divergence
         **_relearn(config, data, states, original_logits, forget),
-        **_distances(states, load_states(inputs["originals"])),
+        **_distances(states, _kept_states(load_states(inputs["originals"]), kept)),
         "seconds": seconds, "retrain_seconds": retrain_s, "cost_vs_retrain": seconds / retrain_s,
         "sample_grads": grads, "grads_vs_retrain": grads / retrain_grads,
         "matching": {k: timing[k] for k in ("loss_start", "loss_end", "steps") if k in timing} or None,

@@ -19,6 +19,8 @@ from sklearn.svm import SVC
 
 from .errors import MatchingError
 
+ULIRA_MIN_MODELS = 4  # each population splits in halves: ≥ 2 models fit the Gaussians, ≥ 2 are scored
+
 
 def true_class_confidence(logits, labels) -> np.ndarray:
     """softmax(logits)_y per point (n,)."""
@@ -94,9 +96,10 @@ def ulira_auc(unlearned_margins, oracle_margins, seed: int = 0, min_std: float =
     if unlearned.ndim != 2 or oracle.ndim != 2 or unlearned.shape[1] != oracle.shape[1]:
         raise MatchingError(f"U-LiRA needs (models, |F|) margins on the same points, got {unlearned.shape} and "
                             f"{oracle.shape}; stack one row per model")
-    if min(len(unlearned), len(oracle)) < 4 or not np.isfinite(unlearned).all() or not np.isfinite(oracle).all():
-        raise MatchingError(f"U-LiRA needs >= 4 models per population and finite margins, got {len(unlearned)} "
-                            f"unlearned and {len(oracle)} oracles; add models or drop diverged ones")
+    finite = np.isfinite(unlearned).all() and np.isfinite(oracle).all()
+    if min(len(unlearned), len(oracle)) < ULIRA_MIN_MODELS or not finite:
+        raise MatchingError(f"U-LiRA needs >= {ULIRA_MIN_MODELS} models per population and finite margins, got "
+                            f"{len(unlearned)} unlearned and {len(oracle)} oracles; add models or drop diverged ones")
     rng = np.random.default_rng(seed)
     (fit_u, scored_u), (fit_o, scored_o) = _halves(unlearned, rng), _halves(oracle, rng)
     mu_u, sd_u = fit_u.mean(axis=0), np.maximum(fit_u.std(axis=0), min_std)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from attribution.store import AttributionStore
 from cluster import eval_stages
 from cluster.eval_methods import MethodConfigError
 from cluster.eval_spec import SpecError, spec_from_dict
-from cluster.evaluate import run_evaluation
+from cluster.dag import stage_keys
+from cluster.evaluate import experiment_stages, run_evaluation
 from matching.klom import klom
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,6 +106,39 @@ def test_a_rerun_computes_nothing_and_a_new_method_only_its_stages(evaluated, fi
     grown = run_evaluation(spec_from_dict(raw_spec(fixture, methods=methods)), out, progress=False)
     assert grown["stages"] - grown["cached"] == 2 * len(SETS)  # om's method and metrics stages per forget set
     assert sum(r["method"] == "om" for r in grown["rows"]) == len(SETS)
+
+
+def test_a_diverged_model_is_counted_and_left_out_of_every_metric(evaluated, fixture, tmp_path):
+    """A population with one model's logits NaN (a method that diverged) is measured on the others; all NaN fails."""
+    out, _ = evaluated
+    stages, names = experiment_stages(spec_from_dict(raw_spec(fixture)), out)
+    keys, by_name = stage_keys(stages), {s.name: s for s in stages}
+    stage = by_name[names[("random:10:0", "dmm")]]
+    inputs = {role: out / "cache" / by_name[parent].function / keys[parent] for role, parent in stage.parents.items()}
+    whole = json.loads((out / "cache" / "metrics" / keys[stage.name] / "metrics.json").read_text())
+    assert whole["diverged"] == 0
+    population = tmp_path / "population"
+    shutil.copytree(inputs["population"], population)
+    logits = np.load(population / "logits.npy")
+    logits[1, 5, 2] = np.nan
+    np.save(population / "logits.npy", logits)
+    (tmp_path / "metrics").mkdir()
+    eval_stages.metrics_stage(stage.config, tmp_path / "metrics", {**inputs, "population": population})
+    got = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    labels = fixture.data.all_labels()
+    kept = margins(torch.from_numpy(logits[[0, 2, 3]]), labels).numpy()
+    oracle = margins(torch.from_numpy(np.load(inputs["oracles"] / "logits.npy")), labels).numpy()
+    forget = np.load(inputs["forget"] / "ids.npy")
+    assert got["diverged"] == 1 and got["ulira_auc"] is None  # 3 models left: too few for U-LiRA's halves
+    values = np.load(tmp_path / "metrics" / "klom.npy")
+    np.testing.assert_allclose(values, klom(oracle, kept), rtol=1e-6)
+    assert not np.allclose(values, np.load(out / "cache" / "metrics" / keys[stage.name] / "klom.npy"))
+    assert got["klom"]["forget"]["p95"] == pytest.approx(np.percentile(klom(oracle, kept)[forget], 95), rel=1e-6)
+    assert got["accuracy"]["heldout"] == pytest.approx(
+        (logits[[0, 2, 3], fixture.data.n_train:].argmax(-1) == fixture.data.y_test.numpy()).mean())
+    np.save(population / "logits.npy", np.full_like(logits, np.nan))
+    with pytest.raises(Exception, match="dmm: all 4 models diverged .*lower its lr or drop it from the spec"):
+        eval_stages.metrics_stage(stage.config, tmp_path / "metrics", {**inputs, "population": population})
 
 
 def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):

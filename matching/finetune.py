@@ -7,16 +7,19 @@ Stopping rule. The paper's recipe (Adam, lr 5e-4, batch 512, 5 epochs) was set f
 |F| up to 1,000; on a small request it is a handful of optimiser steps and the model does not move.
 So the matching runs in epochs over F ∪ R (Adam, lr × lr_decay after every epoch) until it has
 converged: each epoch's loss is the mean of its minibatches' losses (each point of F ∪ R counted once,
-at the parameters it was stepped from — no extra forward pass), and the loop stops once it has taken at
-least `min_steps` steps and the best epoch loss has not fallen by more than tol · L_start over the last
-`patience` epochs — or at `max_steps`. Every run reports the full matching loss
-L = MSE(f(θ; F ∪ R), h) (eval mode) at start and end, the steps and epochs taken and the per-sample
-gradients it evaluated (`MatchingStats`).
+at the parameters it was stepped from — no extra forward pass), and it has converged once it has taken
+at least `min_steps` steps and the best epoch loss has not fallen by more than tol · L_start over the
+last `patience` epochs. Then it anneals: `anneal_steps` more steps with the lr falling linearly to 0,
+and stops (or at `max_steps`). Every run reports the full matching loss L = MSE(f(θ; F ∪ R), h) (eval
+mode) at start and end, the steps and epochs taken, the anneal's steps and the per-sample gradients it
+evaluated (`MatchingStats`).
 
-The lr is constant by default (lr_decay 1). A decay per epoch ties the schedule to |F ∪ R|: a request
-of 40 points has one step an epoch, so 0.97 per epoch left 0.2 % of the lr by step 200, and the loss
-stalled rather than converged (README, "The matching's stopping rule and its defaults"). The floor of
-150 steps is the sweeps' (digits and mnist1d: 100 steps is at the edge of the 1.15× DM-Direct target, 50 misses it).
+Why the anneal. At a constant lr Adam's steps keep a size of about lr whatever the gradient, so the loss
+settles at a noise floor; where h is close to θ0's outputs (mnist1d's TRAK targets: L_start ≈ 0.003)
+that floor is above L_start and a constant-lr matching ends worse than it started. A per-epoch decay
+anneals, but ties the schedule to |F ∪ R| (a request of 40 points has one step an epoch: 0.97 per epoch
+left 0.2 % of the lr by step 200, and the loss stalled rather than converged). The anneal counts steps.
+README, "The matching's stopping rule and its defaults", has the sweeps behind the defaults.
 
 Cost. On a small model a step costs about the same whatever the batch (mnist1d's CNN: ≈ 3.5 ms on one
 CPU thread for 8 to 50 points), so a request's wall time is its steps: Adam runs fused where torch has
@@ -44,14 +47,17 @@ class MatchingConfig:
     lr: float = 5e-3
     batch_size: int = 64
     lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
+    anneal_steps: int = 100    # after the plateau: this many more steps, the lr falling linearly to 0
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
-    min_steps: int = 150       # at least this many optimiser steps, however small F ∪ R is
+    min_steps: int = 100       # at least this many optimiser steps at the full lr, however small F ∪ R is
     max_steps: int = 5000      # at most this many
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
     patience: int = 5
     seed: int = 0              # draws R and the minibatch order
 
     def __post_init__(self):
+        if self.anneal_steps < 0:
+            raise MatchingError(f"anneal steps {self.anneal_steps} is negative; use >= 0 (default 100)")
         if self.batch_size < 1 or self.patience < 1 or not 1 <= self.min_steps <= self.max_steps:
             raise MatchingError(f"need batch size >= 1, patience >= 1 and 1 <= min steps <= max steps, got "
                                 f"{self.batch_size}, {self.patience}, {self.min_steps}, {self.max_steps}; raise them")
@@ -72,6 +78,7 @@ class MatchingStats:
     loss_end: float
     steps: int
     epochs: int
+    annealed: int      # steps taken in the anneal (the lr falling to 0); < anneal_steps only at max_steps
     sample_grads: int  # per-sample gradient evaluations (Σ batch sizes): the compute unit of the report
     seconds: float     # wall time of the fine-tuning, loss evaluations included
 
@@ -117,26 +124,37 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     order = torch.Generator().manual_seed(config.seed)
     start = matching_loss(model, inputs, targets)
     history = [start]
-    steps = epochs = grads = 0
+    steps = epochs = grads = annealed = 0
+    anneal_from = None  # the lr when the plateau was reached; then the anneal runs
     while steps < config.max_steps:
         model.train()
         epoch_sum, epoch_points = torch.zeros((), device=device), 0
         for idx in torch.randperm(len(inputs), generator=order).split(config.batch_size):
+            if anneal_from is not None:
+                for group in opt.param_groups:
+                    group["lr"] = anneal_from * (config.anneal_steps - annealed) / config.anneal_steps
+                annealed += 1
             loss = F.mse_loss(model(inputs[idx].to(device)), targets[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             epoch_sum += loss.detach() * len(idx)
             steps, grads, epoch_points = steps + 1, grads + len(idx), epoch_points + len(idx)
-            if steps == config.max_steps:
+            if steps == config.max_steps or (anneal_from is not None and annealed == config.anneal_steps):
                 break
-        sched.step()
         epochs += 1
+        if anneal_from is not None:
+            if annealed == config.anneal_steps:
+                break
+            continue
+        sched.step()
         history.append(epoch_sum.item() / epoch_points)
         if steps >= config.min_steps and _plateaued(history, config.patience, config.tol * start):
-            break
+            if config.anneal_steps == 0:
+                break
+            anneal_from = opt.param_groups[0]["lr"]
     end = matching_loss(model, inputs, targets)
-    return model, MatchingStats(start, end, steps, epochs, grads, time.perf_counter() - clock)
+    return model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
 
 
 def _plateaued(history: list[float], patience: int, threshold: float) -> bool:

@@ -107,37 +107,47 @@ def test_matching_points_are_f_plus_r_times_f_retain_points():
 def reference_match(model, x, targets, config, per_step=False):
     """DESIGN §1.3's fine-tune and its stopping rule written out: Adam on the MSE over all k logits, minibatches
     in the order `torch.randperm` draws from config.seed, lr = config.lr × decay^epoch set by hand (× decay^step
-    if per_step, the bug the test must catch); each epoch's loss the size-weighted mean of its minibatch losses,
-    and a stop once at least min_steps steps are taken and the best epoch loss of the last `patience` epochs is
-    not below the best before them by more than tol × the starting (full, eval-mode) loss, or at max_steps.
-    Returns the model, the full loss at start and end, the epoch losses and the steps."""
+    if per_step, the bug the test must catch); each epoch's loss the size-weighted mean of its minibatch losses;
+    converged once at least min_steps steps are taken and the best epoch loss of the last `patience` epochs is
+    not below the best before them by more than tol × the starting (full, eval-mode) loss; then anneal_steps
+    more steps at lr × (A − j)/A, j = 0..A−1, and a stop (or at max_steps).
+    Returns the model, the full loss at start and end, the epoch losses until convergence and the steps."""
     def full_loss():
         with torch.no_grad():
             return ((model.eval()(x) - targets) ** 2).mean().item()
 
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     order = torch.Generator().manual_seed(config.seed)
-    start, step, epoch = full_loss(), 0, 0
+    start, step, epoch, anneal_at = full_loss(), 0, 0, None
     losses = [start]
     while step < config.max_steps:
         model.train()
         batch_losses = []
         for idx in torch.randperm(len(x), generator=order).split(config.batch_size):
-            opt.param_groups[0]["lr"] = config.lr * config.lr_decay ** (step if per_step else epoch)
+            lr = config.lr * config.lr_decay ** (step if per_step else epoch)
+            if anneal_at is not None:
+                lr = anneal_at[1] * (config.anneal_steps - (step - anneal_at[0])) / config.anneal_steps
+            opt.param_groups[0]["lr"] = lr
             opt.zero_grad()
             loss = ((model(x[idx]) - targets[idx]) ** 2).mean()
             loss.backward()
             opt.step()
             batch_losses.append((loss.item(), len(idx)))
             step += 1
-            if step == config.max_steps:
+            if step == config.max_steps or (anneal_at is not None and step - anneal_at[0] == config.anneal_steps):
                 break
+        if anneal_at is not None:
+            if step - anneal_at[0] == config.anneal_steps:
+                break
+            continue
         epoch += 1
         losses.append(sum(v * n for v, n in batch_losses) / sum(n for _, n in batch_losses))
         window = config.patience
         if step >= config.min_steps and len(losses) > window and \
                 min(losses[:-window]) - min(losses[-window:]) <= config.tol * start:
-            break
+            if config.anneal_steps == 0:
+                break
+            anneal_at = (step, config.lr * config.lr_decay ** epoch)  # the next epoch's lr
     return model.eval(), (start, full_loss()), losses, step
 
 
@@ -157,8 +167,8 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     # minibatches of 64 (and one of 12) per epoch, so a decay per step (or none, or another factor) gives other
     # parameters; the stop is the same
     defaults = MatchingConfig()
-    assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.max_steps, defaults.tol,
-            defaults.patience) == (5e-3, 64, 1.0, 150, 5000, 1e-3, 5)
+    assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.anneal_steps,
+            defaults.max_steps, defaults.tol, defaults.patience) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5)
     x, targets = torch.randn(1100, 5), torch.randn(1100, 4)
 
     def start():
@@ -170,7 +180,8 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
         want, (loss_start, loss_end), losses, steps = reference_match(start(), x, targets, config)
         for g, w in zip(got.parameters(), want.parameters()):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
-        assert (stats.steps, stats.epochs) == (steps, len(losses) - 1) and config.min_steps <= steps < config.max_steps
+        assert stats.steps == steps and stats.annealed == config.anneal_steps
+        assert config.min_steps + config.anneal_steps <= steps < config.max_steps
         assert stats.loss_start == pytest.approx(loss_start, rel=1e-6)
         assert stats.loss_end == pytest.approx(loss_end, rel=1e-6)
     per_step, _, _, _ = reference_match(start(), x, targets, config, per_step=True)
@@ -179,7 +190,26 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     assert capped_stats.steps == 30 and capped_stats.sample_grads == 1100 + 12 * 64  # a whole epoch (18 steps), then 12
 
 
-@pytest.mark.parametrize("bad", [dict(min_steps=0), dict(min_steps=10, max_steps=5), dict(batch_size=0),
+def test_the_anneal_continues_the_converged_run_and_ends_lower():
+    """Targets near the model's outputs (as mnist1d's TRAK targets are): at a constant lr Adam stays at a noise
+    floor; the anneal takes exactly anneal_steps more steps from the same plateau and ends well below it."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 20)
+
+    def net():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+    with torch.no_grad():
+        targets = net()(x) + 0.05 * torch.randn(200, 10, generator=torch.Generator().manual_seed(2))
+    _, constant = match_logits(net(), x, targets, MatchingConfig(anneal_steps=0))
+    _, annealed = match_logits(net(), x, targets, MatchingConfig())
+    assert constant.annealed == 0 and annealed.annealed == MatchingConfig().anneal_steps
+    assert annealed.steps == constant.steps + annealed.annealed  # the same run until its plateau
+    assert annealed.loss_end < 0.7 * constant.loss_end and annealed.loss_end < 0.3 * annealed.loss_start
+
+
+@pytest.mark.parametrize("bad", [dict(min_steps=0), dict(anneal_steps=-1), dict(min_steps=10, max_steps=5), dict(batch_size=0),
                                  dict(lr=0.0), dict(lr_decay=1.5), dict(tol=-1.0), dict(patience=0),
                                  dict(retain_ratio=-1.0)])
 def test_matching_config_refuses_bad_settings(bad):

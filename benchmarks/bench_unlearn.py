@@ -43,15 +43,14 @@ SUBSET_MODELS = {"digits": 200, "mnist1d": 64}  # enough for β to be a real (if
 
 def setup(name: str, data, model: str, recipe, setup_dir: Path) -> tuple[DigitsStore, Path]:
     """The store and θ0 under setup_dir: built once (a marker file says so), reused by every later run."""
-    models = SUBSET_MODELS[name]
-    fixture = DigitsStore(str(setup_dir / f"{name}.zarr"), data, recipe, model)
+    models, url = SUBSET_MODELS[name], setup_dir / f"{name}.zarr"
     theta0 = setup_dir / f"{name}-theta0.safetensors"
     done = setup_dir / f"{name}-setup.done"
     if done.exists():
         print(f"{name}: setup reused from {setup_dir}", flush=True)
-        return fixture, theta0
+        return DigitsStore(str(url), data, recipe, model), theta0
     start = time.perf_counter()
-    fixture = build_store(setup_dir / f"{name}.zarr", data, models, max(2, models // 10), BENCH_LASSO, model, recipe)
+    fixture = build_store(url, data, models, max(2, models // 10), BENCH_LASSO, model, recipe)
     train_and_save(fixture, [theta0], [0])
     done.touch()
     print(f"{name}: setup ({models} subset models, datamodels, θ0) {time.perf_counter() - start:.1f} s", flush=True)

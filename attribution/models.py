@@ -13,6 +13,7 @@ import importlib
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from .errors import DmmError
 
@@ -42,6 +43,30 @@ def mlp(input_shape, num_classes, hidden=(256,)) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class MatmulConv1d(nn.Conv1d):
+    """nn.Conv1d (the same parameters, init and function) computed as one matmul over its unfolded windows
+    on batches of up to `MATMUL_MAX_BATCH` points, and by nn.Conv1d (oneDNN on a CPU) above.
+
+    out[n, o, l] = b_o + Σ_{c,j} W[o, c, j] · x_pad[n, c, s·l + j]: the windows (N·L', C·k) times W viewed
+    (O, C·k)ᵀ. At `cnn1d`'s sizes oneDNN's fixed cost per call is much of a small step, so a matching step
+    (batch 64) is cheaper so (`benchmarks/bench_unlearn.py`), while on thousands of points (θ0's logits,
+    evaluations) the window copies cost more than oneDNN's kernel saves.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > MATMUL_MAX_BATCH:
+            return super().forward(x)
+        (k,), (stride,), (pad,) = self.kernel_size, self.stride, self.padding
+        windows = F.pad(x, (pad, pad)).unfold(2, k, stride)  # (N, C, L', k)
+        n, c, length, _ = windows.shape
+        out = torch.addmm(self.bias, windows.transpose(1, 2).reshape(n * length, c * k),
+                          self.weight.view(self.out_channels, c * k).t())
+        return out.view(n, length, self.out_channels).transpose(1, 2)
+
+
+MATMUL_MAX_BATCH = 128  # the matching's batch (64) and the mnist1d recipe's (128) take the matmul
+
+
 def cnn1d(input_shape, num_classes, channels=32) -> nn.Module:
     """Small 1-D CNN for mnist1d (3 strided convolutions, no normalisation so it batches with vmap)."""
     length = int(input_shape[-1])
@@ -50,9 +75,9 @@ def cnn1d(input_shape, num_classes, channels=32) -> nn.Module:
         out_len = (out_len + 2 * 1 - 3) // 2 + 1
     return nn.Sequential(
         nn.Unflatten(1, (1, length)),
-        nn.Conv1d(1, channels, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        MatmulConv1d(1, channels, 3, stride=2, padding=1), nn.ReLU(),
+        MatmulConv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        MatmulConv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(channels * out_len, num_classes),
     )

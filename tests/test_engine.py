@@ -13,7 +13,7 @@ from torch.func import stack_module_state
 
 from attribution.engine import TrainingError, derive_seeds, train_batched, train_model
 from attribution.grouped_mlp import GroupedMLP, linear_chain
-from attribution.models import build_model, mlp
+from attribution.models import MATMUL_MAX_BATCH, MatmulConv1d, build_model, mlp
 from attribution.evaluation import accuracy, margins, model_logits
 from attribution.recipes import Recipe, RecipeError, default_recipe
 
@@ -79,6 +79,30 @@ def test_batched_equals_one_model_for_a_cnn(digits):
     result = train_batched("cnn1d", digits, recipe, [3, 4], masks)
     for b, (seed, mask) in enumerate(zip([3, 4], masks)):
         assert max_param_diff(train_model("cnn1d", digits, recipe, seed, mask), result.state, b) < 1e-4
+
+
+@pytest.mark.parametrize("k, stride, pad", [(3, 2, 1), (5, 1, 2), (1, 3, 0)])
+def test_the_matmul_convolution_is_nn_conv1d(k, stride, pad):
+    """cnn1d's MatmulConv1d: nn.Conv1d's init under one seed, its outputs and gradients (also per sample
+    under vmap, as the engine and TRAK take them), and nn.Conv1d's own kernel above MATMUL_MAX_BATCH."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 4, k, stride=stride, padding=pad)
+    torch.manual_seed(0)
+    ours = MatmulConv1d(3, 4, k, stride=stride, padding=pad)
+    assert all(torch.equal(a, b) for a, b in zip(conv.parameters(), ours.parameters()))
+    x = torch.randn(MATMUL_MAX_BATCH + 1, 3, 17, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours(x), conv(x))
+    x = x[:MATMUL_MAX_BATCH]
+    grads = []
+    for layer in (conv, ours):
+        xg = x.clone().requires_grad_()
+        out = layer(xg)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads.append((out.detach(), xg.grad, layer.weight.grad, layer.bias.grad))
+    for expected, got in zip(*grads):
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    per_sample = torch.func.vmap(lambda xi: ours(xi.unsqueeze(0)).squeeze(0))(x)
+    assert torch.allclose(per_sample, grads[0][0], atol=1e-5)
 
 
 def test_grouped_mlp_gradients_equal_autograd_model_by_model(digits):

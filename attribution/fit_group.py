@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 FIT_PREFIXES = ("datamodels", "trak")
 ROWS = "weight_rows"  # the row-major copy of weight
+DELETION_SCALE = "deletion_scale"  # the group attr `dmm calibrate` writes (attribution/deletion_scale.py)
 ROW_CODECS = (BytesCodec(endian="little"), *COMPRESSORS)  # its codec chain, which `sum_weight_rows` decodes itself
 ROW_BATCH = 256  # rows summed per read, bounding memory at ROW_BATCH × n_points × k
 COPY_BYTES = 64 << 20  # β bytes one copy task holds (a whole number of weight's row chunks, at least one)
@@ -210,6 +211,18 @@ class FitGroup:
         """The point id of each β column, sorted (every point for an ``all`` group)."""
         return np.arange(self.num_targets) if self.targets.ids is None else self.targets.ids
 
+    @property
+    def deletion_scales(self) -> tuple[float, float]:
+        """(c_self, c_cross) of DM-Direct's h (attribution/deletion_scale.py); (1, 1) if never calibrated."""
+        record = self.attrs.get(DELETION_SCALE, {})
+        return float(record.get("scale_self", 1.0)), float(record.get("scale_cross", 1.0))
+
+    def write_deletion_scale(self, record: dict) -> None:
+        """Keep `dmm calibrate`'s result in the group's attrs (the driver writes it, once per calibration)."""
+        self.store._require_writable()
+        self.store.group[self.prefix].attrs.update({DELETION_SCALE: record})
+        self.attrs[DELETION_SCALE] = record
+
     def completed_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(np.asarray(self.done[:], dtype=bool))]
 
@@ -277,8 +290,21 @@ class FitGroup:
             return np.asarray(beta[0:0, t, :])
         return np.asarray(beta.oindex[rows, t, :])
 
+    def target_columns(self, points: np.ndarray) -> np.ndarray:
+        """β's column of each point, −1 where the point is not a fitted target."""
+        points = np.asarray(points, dtype=np.int64)
+        if self.targets.ids is None:
+            return points
+        at = np.minimum(np.searchsorted(self.targets.ids, points), len(self.targets.ids) - 1)
+        return np.where(self.targets.ids[at] == points, at, -1)
+
     def sum_weight_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Σ_{i∈rows} β_{i,x,:} for every fitted target x, float64 (|T| × k): DM-Direct's forget effect.
+        """Σ_{i∈rows} β_{i,x,:} for every fitted target x, float64 (|T| × k): DM-Direct's forget effect."""
+        return self.sum_and_own_rows(rows)[0]
+
+    def sum_and_own_rows(self, rows: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Σ_{i∈rows} β_{i,x,:} for every fitted target x, float64 (|T| × k); each row's effect on its own point,
+        β_{i,i,:}, float64 (|rows| × k; 0 where i is not a fitted target)), in one pass over the rows.
 
         From a complete ``weight_rows`` its objects are fetched together and decoded here, ROW_BATCH rows
         at a time: Zarr's own indexing costs about 1 ms an object, most of a small request's fixed cost.
@@ -287,32 +313,38 @@ class FitGroup:
         rows = self._checked_rows(rows)
         s = self.store.spec
         total = np.zeros((self.num_targets, s.num_classes), dtype=np.float64)
+        own = np.zeros((len(rows), s.num_classes), dtype=np.float64)
+        columns = self.target_columns(rows)
         for start in range(0, len(rows), ROW_BATCH):  # (an empty F sums to zeros)
             batch = np.zeros_like(total)
-            for row in self._rows_for_sum(rows[start:start + ROW_BATCH]):
+            for j, row in self._rows_for_sum(rows, start):
                 batch += row  # in order, as `.sum(axis=0, dtype=np.float64)` of the batch adds
+                if columns[j] >= 0:
+                    own[j] = row[columns[j]]
             total += batch
-        return total
+        return total, own
 
-    def _rows_for_sum(self, rows: np.ndarray) -> Iterable[np.ndarray]:
+    def _rows_for_sum(self, rows: np.ndarray, start: int) -> Iterable[tuple[int, np.ndarray]]:
+        """(j, β_{rows[j]}) for j in [start, start + ROW_BATCH), skipping rows the store holds as zeros."""
+        batch = rows[start:start + ROW_BATCH]
         arr = self.weight_rows
         if arr is None or tuple(arr.metadata.codecs) != ROW_CODECS or arr.chunks != (1, *arr.shape[1:]):
-            return self.read_weight_rows(rows)
-        return _decoded_rows(arr, rows)
+            return enumerate(self.read_weight_rows(batch), start)
+        return _decoded_rows(arr, batch, start)
 
     def read_bias(self, targets: slice | None = None) -> np.ndarray:
         return np.asarray(self.bias[slice(None) if targets is None else targets])
 
 
-def _decoded_rows(arr: zarr.Array, rows: np.ndarray) -> Iterator[np.ndarray]:
-    """The rows of a ``weight_rows`` copy with ROW_CODECS, decoded here one after another into one buffer."""
+def _decoded_rows(arr: zarr.Array, rows: np.ndarray, start: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start + j, row j) of a ``weight_rows`` copy with ROW_CODECS, decoded here one after another into one buffer."""
     shape = arr.shape[1:]
     keys = [f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((int(i), 0, 0))}" for i in rows]
     zstd, row = Zstd(), np.empty(shape, dtype="<f4")
-    for raw in fetch_objects(arr.store_path.store, keys):
+    for j, raw in enumerate(fetch_objects(arr.store_path.store, keys), start):
         if raw is not None:  # absent: the fill value 0
             zstd.decode(raw, out=row)  # no allocation per row
-            yield row
+            yield j, row
 
 
 def drop_row_copy(group: FitGroup) -> None:

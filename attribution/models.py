@@ -43,6 +43,9 @@ def mlp(input_shape, num_classes, hidden=(256,)) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+MATMUL_MAX_BATCH = 128  # the matching's batch (64) and the mnist1d recipe's (128) take the matmul
+
+
 class MatmulConv1d(nn.Conv1d):
     """nn.Conv1d (the same parameters, init and function) computed as one matmul over its unfolded windows
     on batches of up to `MATMUL_MAX_BATCH` points, and by nn.Conv1d (oneDNN on a CPU) above.
@@ -50,8 +53,12 @@ class MatmulConv1d(nn.Conv1d):
     out[n, o, l] = b_o + Σ_{c,j} W[o, c, j] · x_pad[n, c, s·l + j]: the windows (N·L', C·k) times W viewed
     (O, C·k)ᵀ. At `cnn1d`'s sizes oneDNN's fixed cost per call is much of a small step, so a matching step
     (batch 64) is cheaper so (`benchmarks/bench_unlearn.py`), while on thousands of points (θ0's logits,
-    evaluations) the window copies cost more than oneDNN's kernel saves.
+    evaluations) the window copies cost more than oneDNN's kernel saves. It takes only what the matmul computes:
+    no dilation or groups, always a bias, zero padding.
     """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > MATMUL_MAX_BATCH:
@@ -62,9 +69,6 @@ class MatmulConv1d(nn.Conv1d):
         out = torch.addmm(self.bias, windows.transpose(1, 2).reshape(n * length, c * k),
                           self.weight.view(self.out_channels, c * k).t())
         return out.view(n, length, self.out_channels).transpose(1, 2)
-
-
-MATMUL_MAX_BATCH = 128  # the matching's batch (64) and the mnist1d recipe's (128) take the matmul
 
 
 def cnn1d(input_shape, num_classes, channels=32) -> nn.Module:

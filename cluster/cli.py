@@ -9,10 +9,11 @@ import sys
 
 from attribution.errors import DmmError
 
-from . import commands_estimate, commands_evaluate, commands_fit, commands_model, commands_trak, commands_unlearn, demo
+from . import (commands_calibrate, commands_estimate, commands_evaluate, commands_fit, commands_model, commands_trak,
+               commands_unlearn, demo)
 
-COMMAND_MODULES = [commands_model, commands_estimate, commands_fit, commands_trak, commands_unlearn, commands_evaluate,
-                   demo]
+COMMAND_MODULES = [commands_model, commands_estimate, commands_fit, commands_trak, commands_calibrate, commands_unlearn,
+                   commands_evaluate, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ hyperparameters. Three populations are not registry edits of a model:
 - `nothing`   the originals θ_n themselves (what an unlearning method must move away from);
 - `retrain`   N fresh models trained on S∖F with their own seeds: the second, independent oracle set,
               whose KLoM against the oracles is the noise floor (DESIGN.md §2);
-- `dm-direct` DM-Direct's predicted outputs h_n(x) = f_x(θ_n) − Σ_{i∈F} β_{i,x,:} (no model).
+- `dm-direct` DM-Direct's predicted outputs h_n(x) = f_x(θ_n) − Σ_{i∈F} β_{i,x,:}, with the store's deletion
+              scales (`matching.direct`; no model).
 
 A method written over stacked models (`matching.methods.STACKED_METHODS`) runs on all N originals in one
 vectorised pass; the others (and models with BatchNorm) run one model at a time.

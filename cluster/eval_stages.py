@@ -1,6 +1,8 @@
 """The stage functions of `dmm evaluate` (DESIGN.md §3), each `fn(config, out, inputs)`.
 
 - `attribution`: the store whose β DM-Direct and DMM use: reused, or estimated and fitted into it.
+- `calibration`: the deletion scales of that β (`dmm calibrate`), computed unless the store has them for
+  the same settings; M = 0 keeps the store's as they are.
 - `forget`: F's training ids (`matching.forget_sets`).
 - `population`: N models trained with the store's model and recipe, each on S (the originals) or on
   S∖F (the oracles, and the independent second oracle set whose KLoM is the floor), trained together
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from attribution.datasets import Dataset, check_fingerprint, load_dataset
 from attribution.engine import train_batched, train_model
 from attribution.evaluation import margins
+from attribution.fit_group import DELETION_SCALE
 from attribution.recipes import Recipe
 from attribution.store import AttributionStore
 from matching.direct import fitted_group
@@ -85,6 +88,18 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
             fit_store(url, FitConfig())
     fitted_group(AttributionStore.open(url, "r"), source, every_target=True)  # one-line error: incomplete, or a subset
     _write_json(out / "store.json", {"url": url, "source": source})
+
+
+def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
+    """Give the store's β the deletion scales of M models on α'-subsets (kept if it has them); record them."""
+    from .commands_calibrate import calibrate_store
+
+    url = read_json(inputs["attribution"] / "store.json")["url"]
+    have = fitted_group(AttributionStore.open(url, "r"), config["source"]).attrs.get(DELETION_SCALE, {})
+    if config["models"] and (have.get("models"), have.get("alpha")) != (config["models"], config["alpha"]):
+        calibrate_store(url, config["source"], config["models"], config["alpha"])
+    c_self, c_cross = fitted_group(_store(inputs), config["source"]).deletion_scales
+    _write_json(out / "calibration.json", {"scale_self": c_self, "scale_cross": c_cross})
 
 
 def forget_stage(config: dict, out: Path, inputs: dict) -> None:
@@ -239,5 +254,6 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
     _write_json(out / "metrics.json", result)
 
 
-STAGE_FUNCTIONS = {"attribution": attribution_stage, "forget": forget_stage, "population": population_stage,
-                   "records": records_stage, "method": method_stage, "metrics": metrics_stage}
+STAGE_FUNCTIONS = {"attribution": attribution_stage, "calibration": calibration_stage, "forget": forget_stage,
+                   "population": population_stage, "records": records_stage, "method": method_stage,
+                   "metrics": metrics_stage}

@@ -1,11 +1,11 @@
 """`dmm evaluate`: the evaluation DAG of an experiment spec, run on Ray, cached, and its report.
 
 ```
-dataset ─┬─ originals (N seeds) ───────────────────────────────┐
-         ├─ originals[amnesiac|sisa …] (N seeds, with records) ┤
-         ├─ attribution (reuse or estimate + fit the store) ─┬─ method(F) per method ─ metrics(F) ─ report
-         ├─ forget(F) ─┬─ oracles(F, N) ─────────────────────┤
-         │             └─ floor(F, N): retrain, the 2nd oracle set ┘
+dataset ─┬─ originals (N seeds) ──────────────────────────────────────────────┐
+         ├─ originals[amnesiac|sisa …] (N seeds, with records) ───────────────┤
+         ├─ attribution (reuse or estimate + fit the store) ─ calibration ────┼─ method(F) per method ─ metrics(F) ─ report
+         ├─ forget(F) ─┬─ oracles(F, N) ──────────────────────────────────────┤
+         │             └─ floor(F, N): retrain, the 2nd oracle set ───────────┘
 ```
 Seeds: the originals use seed + 0..N−1, the oracles seed + 10⁶ + 0..N−1, the floor (second,
 independent oracle set, the `retrain` method) seed + 2·10⁶ + 0..N−1. The originals and oracles use
@@ -29,6 +29,7 @@ import numpy as np
 
 from attribution.datasets import load_dataset
 from attribution.errors import DmmError
+from attribution.fit_group import DELETION_SCALE
 from attribution.models import require_consent
 from attribution.recipes import Recipe, resolve_recipe
 from attribution.store import AttributionStore
@@ -37,7 +38,7 @@ from .dag import Stage, is_done, run_dag, stage_paths
 from .eval_methods import base_method, method_needs, training_time
 from .eval_plots import plot_klom_per_group, plot_klom_vs_cost, plot_margin_histograms
 from .eval_report import result_row, write_margins, write_tables
-from .eval_spec import ExperimentSpec
+from .eval_spec import AttributionSource, ExperimentSpec
 from .eval_stages import STAGE_FUNCTIONS, groups_of, read_json
 from .ray_runtime import connect
 
@@ -54,8 +55,9 @@ def store_state(store: AttributionStore, source: str) -> str:
     """sha256 over what DM-Direct reads of a reused store: its identity, the fit's settings and β0."""
     group = store.fit_group(source) if store.has_fit_group(source) else None
     h = hashlib.sha256(json.dumps(store.spec.to_attrs(), sort_keys=True).encode())
-    if group is not None:
-        h.update(json.dumps(group.attrs, sort_keys=True, default=str).encode())
+    if group is not None:  # c is the calibration stage's (it tracks its own settings), not the store's identity
+        attrs = {k: v for k, v in group.attrs.items() if k != DELETION_SCALE}
+        h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
         h.update(np.asarray(group.done[:]).tobytes())
         h.update(np.asarray(group.bias[:]).tobytes())
     return h.hexdigest()
@@ -89,6 +91,15 @@ def _attribution_config(spec: ExperimentSpec, out: Path, data) -> dict:
     else:
         request = EstimateRequest.build(data.name, spec.model, spec.recipe)
         config.update(model=request.model, recipe=request.recipe.to_dict())
+    return config
+
+
+def calibration_config(a: AttributionSource, url: str) -> dict:
+    """The calibration stage's config: M, α' and the source; with M = 0 the store's scales (read now), which it keeps."""
+    config = {"source": a.source, "models": a.calibration_models, "alpha": a.calibration_alpha}
+    if a.calibration_models == 0 and _store_exists(url):
+        store = AttributionStore.open(url, "r")
+        config["store_scales"] = store.fit_group(a.source).deletion_scales if store.has_fit_group(a.source) else None
     return config
 
 
@@ -136,7 +147,7 @@ def experiment_stages(spec: ExperimentSpec, out: Path, trust_code: bool = False)
                                                {**train, "method": kind, "training": training, "seeds": seeds})
                 parents = {"originals": originals, "forget": f"forget[{fs}]"}
                 if "store" in needs:
-                    parents["attribution"] = "attribution"
+                    parents.update(attribution="attribution", calibration="calibration")
                 if "oracles" in needs:
                     parents["floor"] = f"floor[{fs}]"
                 stages.append(Stage(population, "method", {**base, "method": kind, "params": params,
@@ -147,6 +158,9 @@ def experiment_stages(spec: ExperimentSpec, out: Path, trust_code: bool = False)
                                 {"population": population, "oracles": f"oracles[{fs}]", "originals": originals,
                                  "forget": f"forget[{fs}]", "floor": f"floor[{fs}]"}))
             metrics_names[(fs, method)] = name
+    if any("calibration" in stage.parents for stage in stages):
+        stages.append(Stage("calibration", "calibration", calibration_config(spec.attribution, attribution["url"]),
+                            {"attribution": "attribution"}))
     return stages + list(records.values()), metrics_names
 
 

@@ -116,7 +116,7 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
 
 @register_method("dmm", needs=("store",))
 def datamodel_matching(task: UnlearnTask) -> Unlearned:
-    """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:}."""
+    """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:} (calibrated: `matching.direct`)."""
     if task.oracles:
         raise MatchingError("--oracles is for --method om; drop it for dmm")
     if task.store is None:

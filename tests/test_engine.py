@@ -103,6 +103,9 @@ def test_the_matmul_convolution_is_nn_conv1d(k, stride, pad):
         assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
     per_sample = torch.func.vmap(lambda xi: ours(xi.unsqueeze(0)).squeeze(0))(x)
     assert torch.allclose(per_sample, grads[0][0], atol=1e-5)
+    for unsupported in ({"dilation": 2}, {"groups": 3}, {"bias": False}):  # what the matmul does not compute
+        with pytest.raises(TypeError):
+            MatmulConv1d(3, 3, k, **unsupported)
 
 
 def test_grouped_mlp_gradients_equal_autograd_model_by_model(digits):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from fixtures_store import MODEL, digits_store
+from fixtures_store import MODEL, copy_store, digits_store
 
 from attribution.engine import train_batched
 from attribution.evaluation import margins
@@ -27,7 +28,9 @@ SETS = ["random:10:0", "class:3:10", "pc:1:10:top"]
 
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
-    return digits_store(tmp_path_factory.getbasetemp() / "digits-store")
+    """A private copy of the shared digits store: the evaluation's calibration stage writes c into it."""
+    shared = digits_store(tmp_path_factory.getbasetemp() / "digits-store")
+    return replace(shared, url=copy_store(shared, tmp_path_factory.mktemp("evaluate-store") / "store.zarr"))
 
 
 def raw_spec(fixture, **changes):
@@ -80,7 +83,8 @@ def test_klom_in_the_report_recomputes_from_the_saved_margins(evaluated):
 
 
 def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):
-    """`nothing` = originals with seeds 0..N−1 and the store's recipe; DM-Direct = their logits − Σ_{i∈F} β_i."""
+    """`nothing` = originals with seeds 0..N−1 and the store's recipe; DM-Direct = their logits − c_cross·Σ_{i∈F} β_i
+    − (c_self − c_cross)·β_{x,x} on F, the scales the calibration stage's (64 models on 0.95-subsets), in the store."""
     out, _ = evaluated
     data = fixture.data
     folder = out / "margins" / "random_10_0"
@@ -88,14 +92,39 @@ def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):
     originals = train_batched(MODEL, data, fixture.recipe, [0, 1, 2, 3], np.ones((4, data.n_train), bool)).logits
     labels = data.all_labels()
     np.testing.assert_allclose(np.load(folder / "nothing.npy"), margins(originals, labels).numpy(), atol=1e-4)
-    beta = np.asarray(AttributionStore.open(fixture.url).fit_group("datamodels").weight[:], dtype=np.float64)
-    direct = originals.numpy() - beta[forget].sum(axis=0)[None]
+    fit = AttributionStore.open(fixture.url).fit_group("datamodels")
+    c = fit.attrs["deletion_scale"]
+    assert (c["models"], c["alpha"]) == (64, 0.95) and c["scale_cross"] != 1
+    beta = np.asarray(fit.weight[:], dtype=np.float64)
+    effect = c["scale_cross"] * beta[forget].sum(axis=0)
+    effect[forget] += (c["scale_self"] - c["scale_cross"]) * beta[forget, forget]
+    direct = originals.numpy() - effect[None]
     np.testing.assert_allclose(np.load(folder / "dm-direct.npy"), margins(torch.from_numpy(direct), labels).numpy(),
                                atol=1e-3)
     rows = {r["method"]: r for r in evaluated[1]["rows"] if r["forget_set"] == "random:10:0"}
     assert rows["nothing"]["weight_distance"] == 0 and rows["nothing"]["seconds"] == 0
     assert rows["nothing"]["relearn_steps"] == 0 and rows["retrain"]["cost_vs_retrain"] == 1
     assert rows["dm-direct"]["relearn_steps"] is None and rows["dmm"]["weight_distance"] > 0
+
+
+def test_calibration_settings_key_the_store_methods_and_nothing_else(fixture, tmp_path):
+    """M and α' re-key the calibration and what reads the store; c written into the store re-keys nothing, except
+    with M = 0, where the stage keeps the store's. A spec without a store method has no calibration stage."""
+    url = copy_store(fixture, tmp_path / "s.zarr")
+
+    def keys(**attribution):
+        spec = spec_from_dict(raw_spec(fixture, attribution={"store": url, **attribution}))
+        return stage_keys(experiment_stages(spec, tmp_path / "out")[0])
+
+    default, other = keys(), keys(calibration_models=8)
+    store_readers = {f"{kind}[{fs}][{m}]" for kind in ("method", "metrics") for fs in SETS for m in ("dm-direct", "dmm")}
+    assert {n for n in default if default[n] != other[n]} == {"calibration"} | store_readers
+    kept = keys(calibration_models=0)
+    AttributionStore.open(url, "r+").fit_group("datamodels").write_deletion_scale({"scale_self": 0.5, "scale_cross": 0.5})
+    assert keys() == default
+    assert {n for n, k in keys(calibration_models=0).items() if kept[n] != k} == {"calibration"} | store_readers
+    spec = spec_from_dict(raw_spec(fixture, methods={"nothing": {}, "ga": {}}))
+    assert "calibration" not in stage_keys(experiment_stages(spec, tmp_path / "out")[0])
 
 
 def test_a_rerun_computes_nothing_and_a_new_method_only_its_stages(evaluated, fixture):
@@ -174,6 +203,7 @@ def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):
     ({"methods": {"nothing": {"lr": 1.0}}}, MethodConfigError, "takes no hyperparameters"),
     ({"metrics": {"klom_direction": "sideways"}}, SpecError, "use one of oracle||unlearned, unlearned||oracle"),
     ({"attribution": {"alpha": 0.5}}, SpecError, "needs `store`"),
+    ({"attribution": {"store": "s.zarr", "calibration_models": 1}}, SpecError, "calibration_alpha` 0.95: give M = 0"),
 ])
 def test_bad_specs_get_one_line_errors_naming_the_valid_values(fixture, change, error, match):
     with pytest.raises(error, match=match.replace("|", r"\|").replace("(", r"\(")):

@@ -116,6 +116,22 @@ def test_the_forget_sum_over_a_subset_is_the_sum_of_its_beta_rows(stores):
     np.testing.assert_allclose(got, brute, rtol=1e-6, atol=1e-9)
 
 
+def test_each_forget_rows_own_effect_is_read_from_its_own_column_or_zero(stores):
+    """`sum_and_own_rows`' β_{i,i,:} (DM-Direct's self term): row i at the column of target i; 0 where i is not fitted."""
+    sub = AttributionStore.open(stores["subset"]).fit_group("datamodels")
+    ids = parse_targets(SPEC, N_POINTS).ids
+    fitted_train = ids[ids < N_TRAIN][:2]
+    unfitted = np.setdiff1d(np.arange(N_TRAIN), ids)[:2]
+    forget = np.concatenate([fitted_train, unfitted])
+    total, own = sub.sum_and_own_rows(forget)
+    weight = np.asarray(sub.weight[:], dtype=np.float64)
+    np.testing.assert_allclose(total, weight[forget].sum(axis=0), rtol=1e-6, atol=1e-9)
+    columns = [int(np.flatnonzero(ids == i)[0]) for i in fitted_train]
+    assert sub.target_columns(forget).tolist() == columns + [-1, -1]
+    np.testing.assert_array_equal(own[:2], weight[fitted_train, columns])
+    assert not own[2:].any() and own[:2].any()
+
+
 def test_dm_direct_on_a_subset_predicts_fitted_targets_and_nan_elsewhere(stores):
     store = AttributionStore.open(stores["subset"])
     ids, forget = parse_targets(SPEC, N_POINTS).ids, np.array([3, 17, 150])

@@ -1,0 +1,101 @@
+"""The deletion scales: datamodels fitted on α-subsets, calibrated to deletions from the full training set.
+
+A datamodel fitted on subset models of α·n points predicts how outputs change with the training set *around
+that size*; removing a point from half the data moves an output more than removing it from all of it. DM-Direct
+asks what removing F from all of S does, so its prediction scales the fitted effect by two numbers,
+
+    h(x) = f_x(θ0) − c_cross·Σ_{i∈F} β_{i,x,:} − (c_self − c_cross)·β_{x,x,:}·[x ∈ F],
+
+c_self for a point's effect on itself and c_cross for every other: the first is measured on few (x, S') pairs
+and is large, the second pools many small, noisy effects (TRAK's especially), and one slope over both would be
+the noisy one's. They are fitted on M models trained on near-full subsets S'_j (α' = 0.95 by default) as the
+least-squares fit of their logits y_j(x) on the datamodels' predictions p_j(x) = b_x + Σ_{i∈S'_j} β_{i,x} split
+into p^self_j(x) = β_{x,x}·[x ∈ S'_j] and p^cross = p − p^self (all centred over the M models), pooled over every
+class and a sample of fitted targets x. (1, 1) is the uncalibrated datamodel; the group's attrs keep them
+(`deletion_scale`), and a refit, which rewrites the attrs, drops them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .datasets import Dataset
+from .engine import train_batched
+from .errors import DmmError
+from .fit_group import FitGroup
+from .recipes import Recipe
+from .subsets import block_subsets
+
+# The calibration models' subsets and seeds are block CALIBRATION_BLOCK of the store's seed (attribution/subsets.py):
+# no subset-model block reaches it, so they are never the fit's own models.
+CALIBRATION_BLOCK = 2**32
+CALIBRATION_MODELS = 64    # M (the defaults of `dmm calibrate` and of an evaluation's calibration stage)
+CALIBRATION_ALPHA = 0.95   # α'
+
+
+@dataclass(frozen=True)
+class DeletionScale:
+    """What `calibrate` measured (kept in the fit group's attrs as `deletion_scale`)."""
+    scale_self: float   # c_self
+    scale_cross: float  # c_cross
+    models: int         # M
+    alpha: float        # α' of their subsets
+    targets: int        # how many fitted targets x the fit pools
+    correlation: float  # of y and its fit c_self·p^self + c_cross·p^cross (centred), over the pooled (j, x, k)
+
+    def to_attrs(self) -> dict:
+        return asdict(self)
+
+
+def sample_target_chunks(fit: FitGroup, max_targets: int, seed: int) -> list[int]:
+    """Fitted target chunks, drawn at random until they hold ≥ max_targets targets (all of them if fewer)."""
+    chunks = np.random.default_rng(seed).permutation(fit.num_chunks)
+    picked, count = [], 0
+    for chunk in map(int, chunks):
+        if count >= max_targets:
+            break
+        picked.append(chunk)
+        count += len(range(fit.num_targets)[fit.target_slice(chunk)])
+    return sorted(picked)
+
+
+def least_squares_scales(y: np.ndarray, p_self: np.ndarray, p_cross: np.ndarray) -> tuple[float, float, float]:
+    """(c_self, c_cross, correlation): y ≈ c_self·p_self + c_cross·p_cross, all (M, ...) centred over their first
+    axis. Without any self term (no training point among the targets) c_self = c_cross, the one slope."""
+    y, p_self, p_cross = (a - a.mean(axis=0) for a in (y, p_self, p_cross))
+    gram = np.array([[(p_self * p_self).sum(), (p_self * p_cross).sum()],
+                     [(p_self * p_cross).sum(), (p_cross * p_cross).sum()]])
+    moments = np.array([(p_self * y).sum(), (p_cross * y).sum()])
+    if gram[1, 1] == 0.0:
+        raise DmmError("the datamodels predict the same output for every calibration model (β = 0 on the sampled "
+                       "targets); fix: refit the store, or calibrate with more --models")
+    if gram[0, 0] == 0.0:
+        c_self = c_cross = moments[1] / gram[1, 1]
+    else:
+        c_self, c_cross = np.linalg.solve(gram, moments)
+    fitted = c_self * p_self + c_cross * p_cross
+    return float(c_self), float(c_cross), float((fitted * y).sum() / np.sqrt((fitted * fitted).sum() * (y * y).sum()))
+
+
+def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, alpha: float = CALIBRATION_ALPHA,
+              max_targets: int = 1024, device: str = "cpu") -> DeletionScale:
+    """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross; nothing is
+    written."""
+    if models < 2:
+        raise DmmError(f"--models {models}: the fit needs at least 2 calibration models; e.g. --models 64")
+    spec = fit.store.spec
+    masks, seeds = block_subsets(spec.seed, CALIBRATION_BLOCK, models, data.n_train, alpha)
+    columns = [fit.target_slice(c) for c in sample_target_chunks(fit, max_targets, spec.seed)]
+    points = np.concatenate([fit.fitted_points()[sl] for sl in columns])
+    beta = np.concatenate([np.asarray(fit.weight[:, sl, :]) for sl in columns], axis=1)
+    bias = np.concatenate([np.asarray(fit.bias[sl, :]) for sl in columns], axis=0)
+    predicted = bias[None] + (masks.astype(np.float32) @ beta.reshape(len(beta), -1)).reshape(models, *bias.shape)
+    predicted = predicted.astype(np.float64)
+    own = np.zeros_like(predicted)  # p^self: β_{x,x}·[x ∈ S'_j] for the targets that are training points
+    train = np.flatnonzero(points < data.n_train)
+    own[:, train] = masks[:, points[train], None] * beta[points[train], train][None]
+    trained = train_batched(spec.model, data, Recipe.from_dict(spec.recipe), seeds, masks, device)
+    observed = trained.logits[:, points].cpu().numpy().astype(np.float64)
+    c_self, c_cross, correlation = least_squares_scales(observed, own, predicted - own)
+    return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation)

@@ -49,7 +49,7 @@ class MatchingConfig:
     lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
     anneal_steps: int = 100    # after the plateau: this many more steps, the lr falling linearly to 0
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
-    min_steps: int = 50        # at least this many optimiser steps at the full lr, however small F ∪ R is
+    min_steps: int = 100       # at least this many optimiser steps at the full lr, however small F ∪ R is
     max_steps: int = 5000      # at most this many
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
     patience: int = 5

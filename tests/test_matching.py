@@ -168,7 +168,7 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     # parameters; the stop is the same
     defaults = MatchingConfig()
     assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.anneal_steps,
-            defaults.max_steps, defaults.tol, defaults.patience) == (5e-3, 64, 1.0, 50, 100, 5000, 1e-3, 5)
+            defaults.max_steps, defaults.tol, defaults.patience) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5)
     x, targets = torch.randn(1100, 5), torch.randn(1100, 4)
 
     def start():

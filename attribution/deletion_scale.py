@@ -56,7 +56,8 @@ def sample_target_chunks(fit: FitGroup, max_targets: int, seed: int) -> list[int
         if count >= max_targets:
             break
         picked.append(chunk)
-        count += len(range(fit.num_targets)[fit.target_slice(chunk)])
+        columns = fit.target_slice(chunk)
+        count += columns.stop - columns.start
     return sorted(picked)
 
 

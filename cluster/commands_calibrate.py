@@ -9,7 +9,8 @@ from matching.inputs import store_dataset
 
 def calibrate_store(url: str, attribution: str = "datamodels", models: int = CALIBRATION_MODELS,
                     alpha: float = CALIBRATION_ALPHA, device: str = "cpu") -> DeletionScale:
-    """Fit the scales on M models trained on α'-subsets and keep them in the group's attrs; the store changes only at the end."""
+    """Fit the scales on M models trained on α'-subsets and keep them in the group's attrs (the store changes only
+    at the end)."""
     fit = fitted_group(AttributionStore.open(url, mode="r+"), attribution)
     result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device)
     fit.write_deletion_scale(result.to_attrs())
@@ -18,9 +19,10 @@ def calibrate_store(url: str, attribution: str = "datamodels", models: int = CAL
 
 def calibrate_cmd(args) -> int:
     r = calibrate_store(args.store, args.attribution, args.models, args.alpha, args.device)
-    print(f"calibrate: deletion scales c_self = {r.scale_self:.4f}, c_cross = {r.scale_cross:.4f} ({r.models} models on "
-          f"α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}) -> {args.store}/"
-          f"{args.attribution}; DM-Direct now predicts h(x) = f_x(θ0) − c_cross·Σ_F β − (c_self − c_cross)·β_xx·[x ∈ F]")
+    print(f"calibrate: deletion scales c_self = {r.scale_self:.4f}, c_cross = {r.scale_cross:.4f} ({r.models} "
+          f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}) -> "
+          f"{args.store}/{args.attribution}; DM-Direct now predicts "
+          f"h(x) = f_x(θ0) − c_cross·Σ_F β − (c_self − c_cross)·β_xx·[x ∈ F]")
     return 0
 
 
@@ -28,7 +30,8 @@ def register(sub) -> None:
     p = sub.add_parser("calibrate", help="scale the fitted β's predicted deletion effect to the full training set")
     p.add_argument("--store", required=True, help="attribution store path or fsspec URL (fitted)")
     p.add_argument("--attribution", default="datamodels", help="the fit group to calibrate: datamodels or trak")
-    p.add_argument("--models", type=int, default=CALIBRATION_MODELS, help="calibration models M, each trained on an α-subset")
+    p.add_argument("--models", type=int, default=CALIBRATION_MODELS,
+                   help="calibration models M, each trained on an α-subset")
     p.add_argument("--alpha", type=float, default=CALIBRATION_ALPHA, help="their subsets' fraction α' of the training set")
     p.add_argument("--device", default="cpu", help="where they train: cpu (default) or cuda[:N]")
     p.set_defaults(func=calibrate_cmd)

@@ -94,11 +94,12 @@ def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
     """Give the store's β the deletion scales of M models on α'-subsets (kept if it has them); record them."""
     from .commands_calibrate import calibrate_store
 
-    url = read_json(inputs["attribution"] / "store.json")["url"]
-    have = fitted_group(AttributionStore.open(url, "r"), config["source"]).attrs.get(DELETION_SCALE, {})
+    fit = fitted_group(_store(inputs), config["source"])
+    have = fit.attrs.get(DELETION_SCALE, {})
+    c_self, c_cross = fit.deletion_scales
     if config["models"] and (have.get("models"), have.get("alpha")) != (config["models"], config["alpha"]):
-        calibrate_store(url, config["source"], config["models"], config["alpha"])
-    c_self, c_cross = fitted_group(_store(inputs), config["source"]).deletion_scales
+        result = calibrate_store(fit.store.url, config["source"], config["models"], config["alpha"])
+        c_self, c_cross = result.scale_self, result.scale_cross
     _write_json(out / "calibration.json", {"scale_self": c_self, "scale_cross": c_cross})
 
 

@@ -24,6 +24,7 @@ from .datasets import Dataset
 from .engine import train_batched
 from .errors import DmmError
 from .fit_group import FitGroup
+from .models import require_consent
 from .recipes import Recipe
 from .subsets import block_subsets
 
@@ -80,12 +81,13 @@ def least_squares_scales(y: np.ndarray, p_self: np.ndarray, p_cross: np.ndarray)
 
 
 def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, alpha: float = CALIBRATION_ALPHA,
-              max_targets: int = 1024, device: str = "cpu") -> DeletionScale:
+              max_targets: int = 1024, device: str = "cpu", trust_code: bool = False) -> DeletionScale:
     """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross; nothing is
-    written."""
+    written. A `module:callable` model named by the store is imported only with `trust_code`."""
+    spec = fit.store.spec
+    require_consent(spec.model, f"store {fit.store.url}", trust_code)
     if models < 2:
         raise DmmError(f"--models {models}: the fit needs at least 2 calibration models; e.g. --models 64")
-    spec = fit.store.spec
     masks, seeds = block_subsets(spec.seed, CALIBRATION_BLOCK, models, data.n_train, alpha)
     columns = [fit.target_slice(c) for c in sample_target_chunks(fit, max_targets, spec.seed)]
     points = np.concatenate([fit.fitted_points()[sl] for sl in columns])

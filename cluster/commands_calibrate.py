@@ -6,19 +6,21 @@ from attribution.store import AttributionStore
 from matching.direct import fitted_group
 from matching.inputs import store_dataset
 
+from .commands_model import add_trust_code_arg
+
 
 def calibrate_store(url: str, attribution: str = "datamodels", models: int = CALIBRATION_MODELS,
-                    alpha: float = CALIBRATION_ALPHA, device: str = "cpu") -> DeletionScale:
+                    alpha: float = CALIBRATION_ALPHA, device: str = "cpu", trust_code: bool = False) -> DeletionScale:
     """Fit the scales on M models trained on α'-subsets and keep them in the group's attrs (the store changes only
-    at the end)."""
+    at the end). `trust_code` consents to a `module:callable` model named by the store."""
     fit = fitted_group(AttributionStore.open(url, mode="r+"), attribution)
-    result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device)
+    result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device, trust_code=trust_code)
     fit.write_deletion_scale(result.to_attrs())
     return result
 
 
 def calibrate_cmd(args) -> int:
-    r = calibrate_store(args.store, args.attribution, args.models, args.alpha, args.device)
+    r = calibrate_store(args.store, args.attribution, args.models, args.alpha, args.device, args.trust_code)
     print(f"calibrate: deletion scales c_self = {r.scale_self:.4f}, c_cross = {r.scale_cross:.4f} ({r.models} "
           f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}) -> "
           f"{args.store}/{args.attribution}; DM-Direct now predicts "
@@ -34,4 +36,5 @@ def register(sub) -> None:
                    help="calibration models M, each trained on an α-subset")
     p.add_argument("--alpha", type=float, default=CALIBRATION_ALPHA, help="their subsets' fraction α' of the training set")
     p.add_argument("--device", default="cpu", help="where they train: cpu (default) or cuda[:N]")
+    add_trust_code_arg(p, "the store")
     p.set_defaults(func=calibrate_cmd)

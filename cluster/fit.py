@@ -128,9 +128,15 @@ def _target_logits(store_url, rows: np.ndarray, points: np.ndarray) -> np.ndarra
     return AttributionStore.open(store_url).zarr_array("subsets/logits").oindex[rows, points, :]
 
 
+def chunk_bar(total: int, initial: int) -> tqdm:
+    """The fit's progress bar. Its rate and ETA are the run's average (smoothing 0): the watcher redraws it every
+    0.5 s while chunks take minutes, and tqdm's smoothed rate would time a chunk from the last redraw."""
+    return tqdm(total=total, initial=initial, unit="chunk", desc="fit", smoothing=0)
+
+
 def _watch(group, total: int, stop: threading.Event) -> None:
     """Progress bar over target chunks, read from the store's markers (works with any scheduler)."""
-    with tqdm(total=total, initial=len(group.completed_chunks()), unit="chunk", desc="fit") as bar:
+    with chunk_bar(total, len(group.completed_chunks())) as bar:
         while not stop.wait(0.5):
             bar.update(len(group.completed_chunks()) - bar.n)
         bar.update(len(group.completed_chunks()) - bar.n)

@@ -27,6 +27,7 @@ from attribution.store import AttributionStore
 from attribution.subsets import block_subsets
 from cluster import commands_fit
 from cluster.cli import main
+from cluster import fit as fit_module
 from cluster.fit import FitConfig, fit_store
 
 from fixtures_store import BLOCK_SIZE, MODEL, DigitsStore, digits_subset, np_margin, tree_hashes
@@ -305,3 +306,19 @@ def test_task_memory_at_cifar10_scale_is_the_stated_number():
     assert fit_memory.shared_bytes(n, m_train + m_val) == 20_000_000_000 + 2_495_000_000
     assert fit_memory.chunk_bytes(n, t, m_train, m_val) == 10_240_000_000 + 998_000_000 + 409_600_000 + 510_976_000
     assert round(fit_memory.task_bytes(n, t, m_train, m_val) / 1e9, 1) == 34.7
+
+
+def test_the_progress_bar_times_chunks_from_the_start_not_from_the_last_redraw(monkeypatch):
+    """The watcher redraws every 0.5 s (update(0)); a chunk that took 41 s must read as 41 s, its ETA 7 × 41 s."""
+    import tqdm.std
+
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    with fit_module.chunk_bar(total=8, initial=0) as bar:
+        for _ in range(82):
+            now[0] += 0.5
+            bar.update(0)
+        now[0] += 0.25
+        bar.update(1)
+        assert bar.format_dict["elapsed"] == pytest.approx(41.25)
+        assert "1/8 [00:41<04:48, 41.25s/chunk]" in str(bar)

@@ -16,16 +16,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from attribution import datasets
 from attribution.checkpoint import CheckpointError, load_model, model_meta, save_model
 from attribution.datasets import DatasetError, load_dataset
+from attribution.deletion_scale import calibrate
 from attribution.models import ModelError, mlp
 from attribution.recipes import RECIPES
 from attribution.store import AttributionStore, StoreSpec
 from attribution.trak import run_trak
 from cluster.cli import main
-from fixtures_store import tree_hashes
+from fixtures_store import copy_store, digits_store, tree_hashes
 from matching.direct import dm_direct_prediction
 from matching.errors import MatchingError
 from matching.inputs import load_store_model, store_dataset
@@ -220,3 +222,23 @@ def test_an_npz_named_by_a_sidecar_is_only_read(digits, tmp_path):
     with pytest.raises(DatasetError, match="is not a file"):
         load_model(gone)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_calibrating_a_store_naming_code_imports_it_only_with_consent(probe, tmp_path, tmp_path_factory, run_dmm):
+    """`dmm calibrate` trains models of the store's architecture: a fitted store naming a module:callable is
+    refused (API and command line: one line, exit 2, the store unchanged) until --trust-code."""
+    url = copy_store(digits_store(tmp_path_factory.getbasetemp() / "digits-store"), tmp_path / "s.zarr")
+    zarr.open_group(url, mode="r+").attrs["model"] = probe.factory
+    before = tree_hashes(url)
+    fit = AttributionStore.open(url).fit_group("datamodels")
+    with pytest.raises(ModelError) as e:
+        calibrate(fit, store_dataset(fit.store), models=2)
+    assert_refused(e.value, probe)
+    env = {**os.environ, "PYTHONPATH": f"{probe.code}{os.pathsep}{ROOT}"}
+    refused = run_dmm(["calibrate", "--store", url, "--models", "2"], env=env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert_refused(refused.stderr.strip(), probe)
+    assert tree_hashes(url) == before
+    assert main(["calibrate", "--store", url, "--models", "2", "--trust-code"]) == 0  # consent: imported and used
+    assert probe.log.read_text() == "imported\n"
+    assert AttributionStore.open(url).fit_group("datamodels").attrs["deletion_scale"]["models"] == 2

@@ -13,10 +13,22 @@ least-squares fit of their logits y_j(x) on the datamodels' predictions p_j(x) =
 into p^self_j(x) = β_{x,x}·[x ∈ S'_j] and p^cross = p − p^self (all centred over the M models), pooled over every
 class and a sample of fitted targets x. (1, 1) is the uncalibrated datamodel; the group's attrs keep them
 (`deletion_scale`), and a refit, which rewrites the attrs, drops them.
+
+The training set's size. Every α-subset holds exactly α·n points, so the datamodels cannot tell what a point's
+presence does from what one more point of any kind does: (β_{i,x} + t_x, b_x − α·n·t_x) fit them equally well,
+and the L1 fit picks the sparsest t_x. A deletion shrinks S by |F| points, and that part of its effect is
+measured instead: K models trained on all of S give ȳ_x(S), the datamodels' own models give
+E_α[y_x] = b_x + α·Σ_{i∈S} β_{i,x} (the fit's intercept makes its residuals average 0), and the scaled model
+y = a_x + c_cross·p^cross + c_self·p^self + γ'_x·|S'| through both has
+
+    n·γ'_x = (ȳ_x(S) − b_x − α·Σ_{i∈S} β_{i,x}) / (1 − α) − c_cross·Σ_{i∈S, i≠x} β_{i,x} − c_self·β_{x,x},
+
+kept as the group's array `size_effect` (|T| × k); DM-Direct subtracts |F|·γ'_x as well. (It is the secant
+from α·n to n points, taken as the slope near n.)
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -26,13 +38,14 @@ from .errors import DmmError
 from .fit_group import FitGroup
 from .models import require_consent
 from .recipes import Recipe
-from .subsets import block_subsets
+from .subsets import block_seeds, block_subsets
 
 # The calibration models' subsets and seeds are block CALIBRATION_BLOCK of the store's seed (attribution/subsets.py):
 # no subset-model block reaches it, so they are never the fit's own models.
 CALIBRATION_BLOCK = 2**32
 CALIBRATION_MODELS = 64    # M (the defaults of `dmm calibrate` and of an evaluation's calibration stage)
 CALIBRATION_ALPHA = 0.95   # α'
+CALIBRATION_FULL_MODELS = 16  # K, trained on all of S (seeds: block CALIBRATION_BLOCK + 1); 0: no size term
 
 
 @dataclass(frozen=True)
@@ -44,9 +57,16 @@ class DeletionScale:
     alpha: float        # α' of their subsets
     targets: int        # how many fitted targets x the fit pools
     correlation: float  # of y and its fit c_self·p^self + c_cross·p^cross (centred), over the pooled (j, x, k)
+    full_models: int = 0  # K (0: no size term)
+    size_effect: np.ndarray | None = field(default=None, compare=False, repr=False)  # n·γ'_x (|T|, k), not an attr
 
     def to_attrs(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "size_effect"}
+
+    @property
+    def size_rms(self) -> float:
+        """The root mean square of n·γ'_x over targets and classes (0 without a size term)."""
+        return 0.0 if self.size_effect is None else float(np.sqrt(np.mean(self.size_effect ** 2)))
 
 
 def sample_target_chunks(fit: FitGroup, max_targets: int, seed: int) -> list[int]:
@@ -80,14 +100,39 @@ def least_squares_scales(y: np.ndarray, p_self: np.ndarray, p_cross: np.ndarray)
     return float(c_self), float(c_cross), float((fitted * y).sum() / np.sqrt((fitted * fitted).sum() * (y * y).sum()))
 
 
+def size_effect(full_mean: np.ndarray, bias: np.ndarray, total: np.ndarray, own: np.ndarray, alpha: float,
+                c_self: float, c_cross: float) -> np.ndarray:
+    """n·γ'_x (module docstring) from ȳ_x(S), b_x, Σ_{i∈S} β_{i,x} and β_{x,x} (0 for held-out x), all (|T|, k)."""
+    return (full_mean - bias - alpha * total) / (1 - alpha) - c_cross * (total - own) - c_self * own
+
+
+def _full_data_size_effect(fit: FitGroup, data: Dataset, full_models: int, c_self: float, c_cross: float,
+                           device: str) -> np.ndarray:
+    """n·γ'_x of every fitted target, from K models trained on all of S (the store's model, recipe and seed)."""
+    spec = fit.store.spec
+    everything = np.ones((full_models, data.n_train), dtype=bool)
+    seeds = block_seeds(spec.seed, CALIBRATION_BLOCK + 1, full_models)
+    trained = train_batched(spec.model, data, Recipe.from_dict(spec.recipe), seeds, everything, device)
+    full_mean = trained.logits[:, fit.fitted_points()].cpu().numpy().astype(np.float64).mean(axis=0)
+    rows = np.arange(data.n_train)
+    total, own_rows = fit.sum_and_own_rows(rows)
+    own = np.zeros_like(total)
+    columns = fit.target_columns(rows)
+    own[columns[columns >= 0]] = own_rows[columns >= 0]
+    return size_effect(full_mean, fit.read_bias().astype(np.float64), total, own, spec.alpha, c_self, c_cross)
+
+
 def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, alpha: float = CALIBRATION_ALPHA,
-              max_targets: int = 1024, device: str = "cpu", trust_code: bool = False) -> DeletionScale:
-    """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross; nothing is
-    written. A `module:callable` model named by the store is imported only with `trust_code`."""
+              max_targets: int = 1024, device: str = "cpu", trust_code: bool = False,
+              full_models: int = CALIBRATION_FULL_MODELS) -> DeletionScale:
+    """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross, then K on all
+    of S for the size effect (K = 0: none); nothing is written. A `module:callable` model named by the store is
+    imported only with `trust_code`."""
     spec = fit.store.spec
     require_consent(spec.model, f"store {fit.store.url}", trust_code)
-    if models < 2:
-        raise DmmError(f"--models {models}: the fit needs at least 2 calibration models; e.g. --models 64")
+    if models < 2 or full_models < 0:
+        raise DmmError(f"--models {models} / --full-models {full_models}: the fit needs at least 2 calibration "
+                       "models and K >= 0 full-data models; e.g. --models 64 --full-models 16")
     masks, seeds = block_subsets(spec.seed, CALIBRATION_BLOCK, models, data.n_train, alpha)
     columns = [fit.target_slice(c) for c in sample_target_chunks(fit, max_targets, spec.seed)]
     points = np.concatenate([fit.fitted_points()[sl] for sl in columns])
@@ -101,4 +146,5 @@ def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, al
     trained = train_batched(spec.model, data, Recipe.from_dict(spec.recipe), seeds, masks, device)
     observed = trained.logits[:, points].cpu().numpy().astype(np.float64)
     c_self, c_cross, correlation = least_squares_scales(observed, own, predicted - own)
-    return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation)
+    size = _full_data_size_effect(fit, data, full_models, c_self, c_cross, device) if full_models else None
+    return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation, full_models, size)

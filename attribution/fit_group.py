@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 FIT_PREFIXES = ("datamodels", "trak")
 ROWS = "weight_rows"  # the row-major copy of weight
 DELETION_SCALE = "deletion_scale"  # the group attr `dmm calibrate` writes (attribution/deletion_scale.py)
+SIZE_EFFECT = "size_effect"        # and the array of n·γ'_x it writes beside it when it trained full-data models
 ROW_CODECS = (BytesCodec(endian="little"), *COMPRESSORS)  # its codec chain, which `sum_weight_rows` decodes itself
 ROW_BATCH = 256  # rows summed per read, bounding memory at ROW_BATCH × n_points × k
 COPY_BYTES = 64 << 20  # β bytes one copy task holds (a whole number of weight's row chunks, at least one)
@@ -217,10 +218,25 @@ class FitGroup:
         record = self.attrs.get(DELETION_SCALE, {})
         return float(record.get("scale_self", 1.0)), float(record.get("scale_cross", 1.0))
 
-    def write_deletion_scale(self, record: dict) -> None:
-        """Keep `dmm calibrate`'s result in the group's attrs (the driver writes it, once per calibration)."""
+    @property
+    def size_effect(self) -> np.ndarray | None:
+        """n·γ'_x per fitted target, float64 (|T|, k) (attribution/deletion_scale.py); None if the calibration
+        trained no full-data models (the record says how many: an array without it is a stale one)."""
+        if not self.attrs.get(DELETION_SCALE, {}).get("full_models"):
+            return None
+        return np.asarray(self.store.group[self.prefix][SIZE_EFFECT][...], dtype=np.float64)
+
+    def write_deletion_scale(self, record: dict, size_effect: np.ndarray | None = None) -> None:
+        """Keep `dmm calibrate`'s result in the group's attrs, and its size effect (|T|, k) beside them (the driver
+        writes both, once per calibration: the array first, so the record never names a missing one)."""
         self.store._require_writable()
-        self.store.group[self.prefix].attrs.update({DELETION_SCALE: record})
+        group = self.store.group[self.prefix]
+        if size_effect is not None:
+            group.create_array(SIZE_EFFECT, data=np.asarray(size_effect, dtype=np.float32), overwrite=True,
+                               chunks=size_effect.shape, compressors=COMPRESSORS, config=ARRAY_CONFIG,
+                               attributes=array_attrs(self.store.spec.fingerprint, "n·γ'_x: the training set size's "
+                                                      "effect on (x, c), per point added, times n"))
+        group.attrs.update({DELETION_SCALE: record})
         self.attrs[DELETION_SCALE] = record
 
     def completed_chunks(self) -> list[int]:

@@ -22,3 +22,9 @@ def block_subsets(root_seed: int, block: int, block_size: int, n_train: int, alp
         row[rng.choice(n_train, size=size, replace=False)] = True
     seeds = rng.integers(0, 2**62, size=block_size, dtype=np.int64)
     return masks, seeds
+
+
+def block_seeds(root_seed: int, block: int, block_size: int) -> np.ndarray:
+    """Seeds (B,) int64 of block `block` for models trained on all of S (no subsets to draw)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(root_seed), int(block)]))
+    return rng.integers(0, 2**62, size=block_size, dtype=np.int64)

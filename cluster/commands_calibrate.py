@@ -1,7 +1,8 @@
 """`dmm calibrate`: the deletion scales c_self, c_cross of a store's fitted β (attribution/deletion_scale.py)."""
 from __future__ import annotations
 
-from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_MODELS, DeletionScale, calibrate
+from attribution.deletion_scale import (CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS, DeletionScale,
+                                        calibrate)
 from attribution.store import AttributionStore
 from matching.direct import fitted_group
 from matching.inputs import store_dataset
@@ -10,21 +11,26 @@ from .commands_model import add_trust_code_arg
 
 
 def calibrate_store(url: str, attribution: str = "datamodels", models: int = CALIBRATION_MODELS,
-                    alpha: float = CALIBRATION_ALPHA, device: str = "cpu", trust_code: bool = False) -> DeletionScale:
-    """Fit the scales on M models trained on α'-subsets and keep them in the group's attrs (the store changes only
-    at the end). `trust_code` consents to a `module:callable` model named by the store."""
+                    alpha: float = CALIBRATION_ALPHA, device: str = "cpu", trust_code: bool = False,
+                    full_models: int = CALIBRATION_FULL_MODELS) -> DeletionScale:
+    """Fit the scales on M models trained on α'-subsets and the size effect on K trained on all of S, and keep them
+    in the group (the store changes only at the end). `trust_code` consents to a `module:callable` model named by
+    the store."""
     fit = fitted_group(AttributionStore.open(url, mode="r+"), attribution)
-    result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device, trust_code=trust_code)
-    fit.write_deletion_scale(result.to_attrs())
+    result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device, trust_code=trust_code,
+                       full_models=full_models)
+    fit.write_deletion_scale(result.to_attrs(), result.size_effect)
     return result
 
 
 def calibrate_cmd(args) -> int:
-    r = calibrate_store(args.store, args.attribution, args.models, args.alpha, args.device, args.trust_code)
+    r = calibrate_store(args.store, args.attribution, args.models, args.alpha, args.device, args.trust_code,
+                        args.full_models)
+    size = f"; size effect from {r.full_models} models on all of S (rms n·γ' {r.size_rms:.3f})" if r.full_models else ""
     print(f"calibrate: deletion scales c_self = {r.scale_self:.4f}, c_cross = {r.scale_cross:.4f} ({r.models} "
-          f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}) -> "
-          f"{args.store}/{args.attribution}; DM-Direct now predicts "
-          f"h(x) = f_x(θ0) − c_cross·Σ_F β − (c_self − c_cross)·β_xx·[x ∈ F]")
+          f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}){size} -> "
+          f"{args.store}/{args.attribution}; DM-Direct now predicts h(x) = f_x(θ0) − c_cross·Σ_F β − "
+          f"(c_self − c_cross)·β_xx·[x ∈ F]" + (" − |F|·γ'_x" if r.full_models else ""))
     return 0
 
 
@@ -35,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--models", type=int, default=CALIBRATION_MODELS,
                    help="calibration models M, each trained on an α-subset")
     p.add_argument("--alpha", type=float, default=CALIBRATION_ALPHA, help="their subsets' fraction α' of the training set")
+    p.add_argument("--full-models", type=int, default=CALIBRATION_FULL_MODELS,
+                   help="K models trained on all of S for the training set size's effect (0: none)")
     p.add_argument("--device", default="cpu", help="where they train: cpu (default) or cuda[:N]")
     add_trust_code_arg(p, "the store")
     p.set_defaults(func=calibrate_cmd)

@@ -16,7 +16,7 @@ import torch
 
 from attribution.checkpoint import load_model, model_meta, save_model
 from attribution.datasets import DEFAULT_DATASET, load_dataset
-from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_MODELS
+from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS
 from attribution.engine import train_model
 from attribution.evaluation import accuracy, model_logits
 from matching.ledger import LEDGER
@@ -61,10 +61,11 @@ def run_demo(out_dir: str = "demo_out", num_models: int = 2048, forget_per_reque
     t = _stage("fit: L1 datamodels of every (point, class)")
     print("\n".join(format_report(fit_store(store_url, FitConfig()))) + f" ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"calibrate: β's deletion scales ({CALIBRATION_MODELS} models on α' = {CALIBRATION_ALPHA} subsets)")
+    t = _stage(f"calibrate: β's deletion scales ({CALIBRATION_MODELS} models on α' = {CALIBRATION_ALPHA} subsets) and "
+               f"the training set size's effect ({CALIBRATION_FULL_MODELS} models on all of S)")
     c = calibrate_store(store_url)
     print(f"c_self = {c.scale_self:.3f}, c_cross = {c.scale_cross:.3f} (correlation {c.correlation:.3f} over "
-          f"{c.targets} targets; {time.perf_counter() - t:.0f} s)")
+          f"{c.targets} targets); rms n·γ' {c.size_rms:.3f} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("θ0: the original model on all of S")
     theta0 = out / "theta0.safetensors"

@@ -15,6 +15,7 @@ attribution:               # where DM-Direct's β comes from
   source: datamodels           # datamodels | trak
   calibration_models: 64       # M models on α'-subsets fit β's deletion scales (`dmm calibrate`); 0: the store's
   calibration_alpha: 0.95      # α'
+  calibration_full_models: 16  # K models on all of S measure the training set size's effect; 0: none
 forget_sets: [random:50:0, class:3:50, pc:1:50:top]
 methods:                   # name: hyperparameters (the fields of its config class in matching.methods)
   nothing: {}
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_MODELS
+from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS
 from attribution.errors import DmmError
 from matching.forget_sets import parse_forget_set
 
@@ -81,6 +82,7 @@ class AttributionSource:
     source: str = "datamodels"
     calibration_models: int = CALIBRATION_MODELS
     calibration_alpha: float = CALIBRATION_ALPHA
+    calibration_full_models: int = CALIBRATION_FULL_MODELS
 
     def __post_init__(self):
         if self.store is None and self.num_models is None:
@@ -89,9 +91,11 @@ class AttributionSource:
             raise SpecError(f"`attribution.num_models` is {self.num_models}; give m >= 1")
         if not 0 < self.alpha < 1:
             raise SpecError(f"`attribution.alpha` is {self.alpha}; give 0 < α < 1 (0.5 by default)")
-        if self.calibration_models < 0 or self.calibration_models == 1 or not 0 < self.calibration_alpha < 1:
+        if (self.calibration_models < 0 or self.calibration_models == 1 or not 0 < self.calibration_alpha < 1
+                or self.calibration_full_models < 0):
             raise SpecError(f"`attribution.calibration_models` {self.calibration_models} / `calibration_alpha` "
-                            f"{self.calibration_alpha}: give M = 0 (keep the store's scales) or M >= 2, and 0 < α' < 1")
+                            f"{self.calibration_alpha} / `calibration_full_models` {self.calibration_full_models}: "
+                            "give M = 0 (keep the store's calibration) or M >= 2, 0 < α' < 1 and K >= 0")
         if self.source not in ATTRIBUTION_SOURCES:
             raise SpecError(f"`attribution.source` is {self.source!r}; use one of {', '.join(ATTRIBUTION_SOURCES)}")
 

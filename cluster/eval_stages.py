@@ -91,17 +91,20 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
 
 
 def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
-    """Give the store's β the deletion scales of M models on α'-subsets (kept if it has them); record them."""
+    """Give the store's β the deletion scales of M models on α'-subsets and the size effect of K models on all of S
+    (kept if it has them); record them."""
     from .commands_calibrate import calibrate_store
 
     fit = fitted_group(_store(inputs), config["source"])
     have = fit.attrs.get(DELETION_SCALE, {})
-    c_self, c_cross = fit.deletion_scales
-    if config["models"] and (have.get("models"), have.get("alpha")) != (config["models"], config["alpha"]):
-        result = calibrate_store(fit.store.url, config["source"], config["models"], config["alpha"],
-                                 trust_code=True)  # the spec had consent for the store's model (experiment_stages)
-        c_self, c_cross = result.scale_self, result.scale_cross
-    _write_json(out / "calibration.json", {"scale_self": c_self, "scale_cross": c_cross})
+    asked = (config["models"], config["alpha"], config["full_models"])
+    if config["models"] and (have.get("models"), have.get("alpha"), have.get("full_models", 0)) != asked:
+        have = calibrate_store(fit.store.url, config["source"], config["models"], config["alpha"],
+                               trust_code=True,  # the spec had consent for the store's model (experiment_stages)
+                               full_models=config["full_models"]).to_attrs()
+    _write_json(out / "calibration.json", {"scale_self": have.get("scale_self", 1.0),
+                                           "scale_cross": have.get("scale_cross", 1.0),
+                                           "full_models": have.get("full_models", 0)})
 
 
 def forget_stage(config: dict, out: Path, inputs: dict) -> None:

@@ -95,11 +95,14 @@ def _attribution_config(spec: ExperimentSpec, out: Path, data) -> dict:
 
 
 def calibration_config(a: AttributionSource, url: str) -> dict:
-    """The calibration stage's config: M, α' and the source; with M = 0 the store's scales (read now), which it keeps."""
-    config = {"source": a.source, "models": a.calibration_models, "alpha": a.calibration_alpha}
+    """The calibration stage's config: M, α', K and the source; with M = 0 the store's record (read now), which it
+    keeps."""
+    config = {"source": a.source, "models": a.calibration_models, "alpha": a.calibration_alpha,
+              "full_models": a.calibration_full_models}
     if a.calibration_models == 0 and _store_exists(url):
         store = AttributionStore.open(url, "r")
-        config["store_scales"] = store.fit_group(a.source).deletion_scales if store.has_fit_group(a.source) else None
+        config["store_calibration"] = (store.fit_group(a.source).attrs.get(DELETION_SCALE)
+                                       if store.has_fit_group(a.source) else None)
     return config
 
 

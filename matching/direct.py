@@ -1,7 +1,8 @@
 """DM-Direct (DESIGN.md §1.2): predicted oracle outputs h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:}, calibrated:
 
-h(x) = f_x(θ0) − c_cross·Σ_{i∈F} β_{i,x,:} − (c_self − c_cross)·β_{x,x,:}·[x ∈ F] with the fit group's deletion
-scales (`dmm calibrate`, attribution/deletion_scale.py); c_self = c_cross = 1 where it was never calibrated.
+h(x) = f_x(θ0) − c_cross·Σ_{i∈F} β_{i,x,:} − (c_self − c_cross)·β_{x,x,:}·[x ∈ F] − |F|·γ'_{x,:} with the fit group's
+deletion scales and size effect (`dmm calibrate`, attribution/deletion_scale.py); c_self = c_cross = 1 and γ' = 0
+where it was never calibrated.
 
 Only the weight rows β_{i,·,·} of i ∈ F are read from the store. The result serves as the
 DMM targets and, on its own, as the "DM-Direct" predictor (no weights change, outputs corrected).
@@ -45,13 +46,17 @@ def fitted_group(store: AttributionStore, attribution: str, every_target: bool =
 
 
 def forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:
-    """f_x(θ0) − h(x) for every fitted point x (train then held-out): float64 (|T|, k)."""
+    """f_x(θ0) − h(x) for every fitted point x (train then held-out): float64 (|T|, k), i.e.
+    c_cross·Σ_{i∈F} β_{i,x} + (c_self − c_cross)·β_{x,x}·[x ∈ F] + |F|·γ'_x (attribution/deletion_scale.py)."""
     c_self, c_cross = fit.deletion_scales
     total, own = fit.sum_and_own_rows(forget_ids)
     effect = c_cross * total
     columns = fit.target_columns(forget_ids)
     fitted = columns >= 0
     effect[columns[fitted]] += (c_self - c_cross) * own[fitted]
+    size = fit.size_effect
+    if size is not None:
+        effect += len(forget_ids) / fit.store.spec.n_train * size
     return effect
 
 

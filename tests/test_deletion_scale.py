@@ -6,12 +6,12 @@ import pytest
 from fixtures_store import copy_store, digits_store, tree_hashes
 from test_matching import synthetic_store
 
-from attribution.deletion_scale import CALIBRATION_BLOCK, calibrate, least_squares_scales
+from attribution.deletion_scale import CALIBRATION_BLOCK, calibrate, least_squares_scales, size_effect
 from attribution.engine import train_model
 from attribution.errors import DmmError
 from attribution.evaluation import model_logits
 from attribution.store import AttributionStore
-from attribution.subsets import block_subsets
+from attribution.subsets import block_seeds, block_subsets
 from matching.direct import dm_direct_targets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,14 +57,49 @@ def test_dm_direct_scales_the_self_and_cross_effects_by_the_stored_scales(tmp_pa
                                original - betas["trak"][forget].astype(np.float64).sum(axis=0), atol=1e-5)
 
 
+def test_with_the_size_effect_dm_direct_is_exact_where_outputs_are_linear_in_presence_and_size(tmp_path):
+    """A world where y_x(S') = a_x + c_cross·Σ_{i∈S', i≠x} β_{i,x} + c_self·β_{x,x}·[x ∈ S'] + γ_x·|S'| exactly. The
+    datamodel fitted on α-subsets has b_x = E_α[y_x] − α·Σ_S β_{i,x}; from θ0 = y(S) and b the size effect is n·γ, and
+    DM-Direct with it predicts y(S∖F) itself."""
+    store, betas, original = synthetic_store(tmp_path / "s.zarr", fit=("datamodels",))
+    beta = betas["datamodels"].astype(np.float64)
+    n, alpha, c_self, c_cross = store.spec.n_train, store.spec.alpha, 0.7, 0.4
+    gamma = np.random.default_rng(1).standard_normal(original.shape) * 0.05
+    own = np.zeros_like(original, dtype=np.float64)
+    own[:n] = beta[np.arange(n), np.arange(n)]
+
+    def world(present: np.ndarray) -> np.ndarray:  # y(S') without a_x
+        total = beta[present].sum(axis=0)
+        mine = np.zeros_like(own)
+        mine[present] = own[present]
+        return c_cross * (total - mine) + c_self * mine + gamma * len(present)
+
+    everything = np.arange(n)
+    a = original - world(everything)
+    total = beta.sum(axis=0)
+    expected_alpha = a + alpha * (c_cross * (total - own) + c_self * own) + gamma * alpha * n  # E over α-subsets
+    bias = expected_alpha - alpha * total
+    np.testing.assert_allclose(size_effect(original, bias, total, own, alpha, c_self, c_cross), n * gamma, atol=1e-9)
+
+    fit = store.fit_group("datamodels")
+    fit.write_deletion_scale({"scale_self": c_self, "scale_cross": c_cross, "full_models": 3}, n * gamma)
+    forget = np.array([0, 3, 9, 10])
+    kept = np.setdiff1d(everything, forget)
+    reopened = AttributionStore.open(str(tmp_path / "s.zarr"))
+    np.testing.assert_allclose(dm_direct_targets(reopened, forget), a + world(kept), atol=1e-4)
+    fit.write_deletion_scale({"scale_self": c_self, "scale_cross": c_cross, "full_models": 0})  # a stale array: unused
+    without = AttributionStore.open(str(tmp_path / "s.zarr"))
+    np.testing.assert_allclose(dm_direct_targets(without, forget), a + world(kept) + len(forget) * gamma, atol=1e-4)
+
+
 def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixture):
     """The scales from an independent path: each model trained alone, p_j(x) summed row by row and split into
     x's own term and the rest, numpy's least squares."""
     store = AttributionStore.open(fixture.url)
     fit = store.fit_group("datamodels")
     data, models, alpha = fixture.data, 5, 0.9
-    result = calibrate(fit, data, models=models, alpha=alpha, max_targets=data.n_points)
-    assert (result.models, result.alpha, result.targets) == (models, alpha, data.n_points)
+    result = calibrate(fit, data, models=models, alpha=alpha, max_targets=data.n_points, full_models=2)
+    assert (result.models, result.alpha, result.targets, result.full_models) == (models, alpha, data.n_points, 2)
 
     masks, seeds = block_subsets(store.spec.seed, CALIBRATION_BLOCK, models, data.n_train, alpha)
     bias = np.asarray(fit.bias[:], dtype=np.float64)
@@ -84,21 +119,41 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
     assert (result.scale_self, result.scale_cross) == pytest.approx(tuple(expected), rel=1e-3)
     assert 0.3 < result.scale_cross < 1.5  # the datamodels do predict a deletion's effect, to a scale
 
+    # the size effect: two models on all of S, alone; β summed row by row over S
+    full = np.mean([model_logits(train_model(fixture.model, data, fixture.recipe, int(seed)), data.all_inputs())
+                    .numpy().astype(np.float64) for seed in block_seeds(store.spec.seed, CALIBRATION_BLOCK + 1, 2)], 0)
+    total, own = np.zeros_like(bias), np.zeros_like(bias)
+    for i in range(data.n_train):
+        row = fit.read_weight_rows([i])[0].astype(np.float64)
+        total += row
+        own[i] = row[i]
+    n_gamma = ((full - bias - store.spec.alpha * total) / (1 - store.spec.alpha)
+               - result.scale_cross * (total - own) - result.scale_self * own)
+    np.testing.assert_allclose(result.size_effect, n_gamma, atol=2e-3)
+
 
 def test_the_cli_keeps_c_in_the_group_and_refuses_bad_input_in_one_line(run_dmm, fixture, tmp_path):
     url = copy_store(fixture, tmp_path / "store.zarr")
     before = tree_hashes(url)
     for args, message in ((["--models", "1"], "needs at least 2 calibration models"),
+                          (["--full-models", "-1"], "K >= 0 full-data models"),
                           (["--alpha", "1.0"], "alpha=1.0 must lie strictly between 0 and 1"),
                           (["--attribution", "trak"], "has no fitted trak")):
         result = run_dmm(["calibrate", "--store", url, *args])
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr
     assert tree_hashes(url) == before
-    result = run_dmm(["calibrate", "--store", url, "--models", "4"])
+    result = run_dmm(["calibrate", "--store", url, "--models", "4", "--full-models", "2"])
     assert result.returncode == 0, result.stderr
-    record = AttributionStore.open(url).fit_group("datamodels").attrs["deletion_scale"]
-    assert record["models"] == 4 and record["alpha"] == 0.95
+    fit = AttributionStore.open(url).fit_group("datamodels")
+    record, size = fit.attrs["deletion_scale"], fit.size_effect
+    assert record["models"] == 4 and record["alpha"] == 0.95 and record["full_models"] == 2
+    assert size.shape == (fixture.data.n_points, 10) and np.abs(size).max() > 0
     assert f"c_self = {record['scale_self']:.4f}, c_cross = {record['scale_cross']:.4f}" in result.stdout
-    again = run_dmm(["calibrate", "--store", url, "--models", "4"])  # the same models: the same c, to the bit
-    assert AttributionStore.open(url).fit_group("datamodels").attrs["deletion_scale"] == record, again.stderr
+    assert "− |F|·γ'_x" in result.stdout
+    again = run_dmm(["calibrate", "--store", url, "--models", "4", "--full-models", "2"])  # the same c, γ' to the bit
+    fit = AttributionStore.open(url).fit_group("datamodels")
+    assert fit.attrs["deletion_scale"] == record and np.array_equal(fit.size_effect, size), again.stderr
+    none = run_dmm(["calibrate", "--store", url, "--models", "4", "--full-models", "0"])
+    fit = AttributionStore.open(url).fit_group("datamodels")
+    assert fit.attrs["deletion_scale"]["full_models"] == 0 and fit.size_effect is None, none.stderr

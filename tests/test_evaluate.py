@@ -84,7 +84,8 @@ def test_klom_in_the_report_recomputes_from_the_saved_margins(evaluated):
 
 def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):
     """`nothing` = originals with seeds 0..N−1 and the store's recipe; DM-Direct = their logits − c_cross·Σ_{i∈F} β_i
-    − (c_self − c_cross)·β_{x,x} on F, the scales the calibration stage's (64 models on 0.95-subsets), in the store."""
+    − (c_self − c_cross)·β_{x,x} on F − |F|·γ'_x, the scales and size effect the calibration stage's (64 models on
+    0.95-subsets, 16 on all of S), in the store."""
     out, _ = evaluated
     data = fixture.data
     folder = out / "margins" / "random_10_0"
@@ -94,9 +95,9 @@ def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):
     np.testing.assert_allclose(np.load(folder / "nothing.npy"), margins(originals, labels).numpy(), atol=1e-4)
     fit = AttributionStore.open(fixture.url).fit_group("datamodels")
     c = fit.attrs["deletion_scale"]
-    assert (c["models"], c["alpha"]) == (64, 0.95) and c["scale_cross"] != 1
+    assert (c["models"], c["alpha"], c["full_models"]) == (64, 0.95, 16) and c["scale_cross"] != 1
     beta = np.asarray(fit.weight[:], dtype=np.float64)
-    effect = c["scale_cross"] * beta[forget].sum(axis=0)
+    effect = c["scale_cross"] * beta[forget].sum(axis=0) + len(forget) / data.n_train * fit.size_effect
     effect[forget] += (c["scale_self"] - c["scale_cross"]) * beta[forget, forget]
     direct = originals.numpy() - effect[None]
     np.testing.assert_allclose(np.load(folder / "dm-direct.npy"), margins(torch.from_numpy(direct), labels).numpy(),
@@ -119,6 +120,8 @@ def test_calibration_settings_key_the_store_methods_and_nothing_else(fixture, tm
     default, other = keys(), keys(calibration_models=8)
     store_readers = {f"{kind}[{fs}][{m}]" for kind in ("method", "metrics") for fs in SETS for m in ("dm-direct", "dmm")}
     assert {n for n in default if default[n] != other[n]} == {"calibration"} | store_readers
+    no_size = keys(calibration_full_models=0)
+    assert {n for n in default if default[n] != no_size[n]} == {"calibration"} | store_readers
     kept = keys(calibration_models=0)
     AttributionStore.open(url, "r+").fit_group("datamodels").write_deletion_scale({"scale_self": 0.5, "scale_cross": 0.5})
     assert keys() == default
@@ -203,7 +206,8 @@ def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):
     ({"methods": {"nothing": {"lr": 1.0}}}, MethodConfigError, "takes no hyperparameters"),
     ({"metrics": {"klom_direction": "sideways"}}, SpecError, "use one of oracle||unlearned, unlearned||oracle"),
     ({"attribution": {"alpha": 0.5}}, SpecError, "needs `store`"),
-    ({"attribution": {"store": "s.zarr", "calibration_models": 1}}, SpecError, "calibration_alpha` 0.95: give M = 0"),
+    ({"attribution": {"store": "s.zarr", "calibration_models": 1}}, SpecError, "full_models` 16: give M = 0"),
+    ({"attribution": {"store": "s.zarr", "calibration_full_models": -1}}, SpecError, "and K >= 0"),
 ])
 def test_bad_specs_get_one_line_errors_naming_the_valid_values(fixture, change, error, match):
     with pytest.raises(error, match=match.replace("|", r"\|").replace("(", r"\(")):

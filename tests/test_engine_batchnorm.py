@@ -153,7 +153,7 @@ def test_batched_resnet9_equals_the_one_model_trainer(tiny_cifar, float64, monke
             torch.testing.assert_close(result.state[k][b], v, rtol=0, atol=1e-4, msg=f"model {b}, {k}")
         assert int(result.state["0.1.num_batches_tracked"][b]) == 2 * -(-int(mask.sum()) // 8)
         torch.testing.assert_close(result.logits[b], model_logits(model, tiny_cifar.all_inputs()), rtol=0, atol=1e-4,
-                                   check_dtype=False)  # model_logits gives float32 logits, the stacked ones keep float64
+                                   check_dtype=False)  # model_logits: float32; the stacked logits keep float64
 
 
 def test_augmentation_moves_the_batched_resnet9(tiny_cifar):

@@ -15,7 +15,7 @@ def block_subsets(root_seed: int, block: int, block_size: int, n_train: int, alp
     """(masks (B, n) bool, seeds (B,) int64) of block `block`."""
     if not 0 < alpha < 1:
         raise DmmError(f"alpha={alpha} must lie strictly between 0 and 1; e.g. --alpha 0.5")
-    rng = np.random.default_rng(np.random.SeedSequence([int(root_seed), int(block)]))
+    rng = _block_rng(root_seed, block)
     size = max(1, int(round(alpha * n_train)))
     masks = np.zeros((block_size, n_train), dtype=bool)
     for row in masks:
@@ -26,5 +26,9 @@ def block_subsets(root_seed: int, block: int, block_size: int, n_train: int, alp
 
 def block_seeds(root_seed: int, block: int, block_size: int) -> np.ndarray:
     """Seeds (B,) int64 of block `block` for models trained on all of S (no subsets to draw)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(root_seed), int(block)]))
-    return rng.integers(0, 2**62, size=block_size, dtype=np.int64)
+    return _block_rng(root_seed, block).integers(0, 2**62, size=block_size, dtype=np.int64)
+
+
+def _block_rng(root_seed: int, block: int) -> np.random.Generator:
+    """The generator of block `block`: SeedSequence([root_seed, block]) alone."""
+    return np.random.default_rng(np.random.SeedSequence([int(root_seed), int(block)]))

@@ -47,14 +47,16 @@ MATMUL_MAX_BATCH = 128  # the matching's batch (64) and the mnist1d recipe's (12
 
 
 class MatmulConv1d(nn.Conv1d):
-    """nn.Conv1d (the same parameters, init and function) computed as one matmul over its unfolded windows
-    on batches of up to `MATMUL_MAX_BATCH` points, and by nn.Conv1d (oneDNN on a CPU) above.
+    """nn.Conv1d (the same parameters, init and function) computed as one matmul over its windows on batches of
+    up to `MATMUL_MAX_BATCH` points, and by nn.Conv1d (oneDNN on a CPU) above.
 
     out[n, o, l] = b_o + Σ_{c,j} W[o, c, j] · x_pad[n, c, s·l + j]: the windows (N·L', C·k) times W viewed
     (O, C·k)ᵀ. At `cnn1d`'s sizes oneDNN's fixed cost per call is much of a small step, so a matching step
     (batch 64) is cheaper so (`benchmarks/bench_unlearn.py`), while on thousands of points (θ0's logits,
-    evaluations) the window copies cost more than oneDNN's kernel saves. It takes only what the matmul computes:
-    no dilation or groups, always a bias, zero padding.
+    evaluations) the window copies cost more than oneDNN's kernel saves. The windows are k strided slices of
+    x_pad, stacked: slicing's backward is cheaper than `unfold`'s and has a vmap batching rule (the engine's
+    stacked models), which `unfold_backward` lacks. It takes only what the matmul computes: no dilation or
+    groups, always a bias, zero padding.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
@@ -64,9 +66,12 @@ class MatmulConv1d(nn.Conv1d):
         if x.shape[0] > MATMUL_MAX_BATCH:
             return super().forward(x)
         (k,), (stride,), (pad,) = self.kernel_size, self.stride, self.padding
-        windows = F.pad(x, (pad, pad)).unfold(2, k, stride)  # (N, C, L', k)
-        n, c, length, _ = windows.shape
-        out = torch.addmm(self.bias, windows.transpose(1, 2).reshape(n * length, c * k),
+        rows = F.pad(x, (pad, pad)).transpose(1, 2)  # (N, L + 2·pad, C)
+        n, padded, c = rows.shape
+        length = (padded - k) // stride + 1
+        last = stride * (length - 1) + 1
+        windows = torch.stack([rows[:, j: j + last: stride] for j in range(k)], dim=-1)  # (N, L', C, k)
+        out = torch.addmm(self.bias, windows.reshape(n * length, c * k),
                           self.weight.view(self.out_channels, c * k).t())
         return out.view(n, length, self.out_channels).transpose(1, 2)
 

@@ -103,6 +103,15 @@ def test_the_matmul_convolution_is_nn_conv1d(k, stride, pad):
         assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
     per_sample = torch.func.vmap(lambda xi: ours(xi.unsqueeze(0)).squeeze(0))(x)
     assert torch.allclose(per_sample, grads[0][0], atol=1e-5)
+    # per-sample input gradients under vmap(grad), as the engine's stacked models take them: every op has a
+    # batching rule (unfold's backward has none: torch warns and loops over the batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_sample_grad = torch.func.vmap(torch.func.grad(lambda xi: ours(xi.unsqueeze(0)).square().sum()))(x[:8])
+    for i in range(8):
+        xi = x[i:i + 1].clone().requires_grad_()
+        ours(xi).square().sum().backward()
+        assert torch.allclose(per_sample_grad[i], xi.grad[0], atol=1e-5)
     for unsupported in ({"dilation": 2}, {"groups": 3}, {"bias": False}):  # what the matmul does not compute
         with pytest.raises(TypeError):
             MatmulConv1d(3, 3, k, **unsupported)

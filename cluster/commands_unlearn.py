@@ -40,9 +40,8 @@ MATCHING_DOCS = {
     "min_steps": "optimiser steps at the full lr at least",
     "anneal_steps": "after convergence, this many steps with the lr falling linearly to 0",
     "max_steps": "optimiser steps at most",
-    "tol": "converged when the best matching loss fell by < tol × its start over the convergence window",
-    "patience": "epochs of the convergence window at least",
-    "patience_steps": "optimiser steps the convergence window spans at least",
+    "tol": "converged when the best matching loss fell by < tol × its start over --patience epochs",
+    "patience": "epochs of the convergence window",
     "seed": "draws the retain points and batch order",
 }
 

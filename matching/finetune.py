@@ -9,11 +9,10 @@ So the matching runs in epochs over F ∪ R (Adam, lr × lr_decay after every ep
 converged: each epoch's loss is the mean of its minibatches' losses (each point of F ∪ R counted once,
 at the parameters it was stepped from — no extra forward pass), and it has converged once it has taken
 at least `min_steps` steps and the best epoch loss has not fallen by more than tol · L_start over the
-last `patience` epochs and at least the last `patience_steps` steps (on a request of 10 points, F ∪ R = 40
-is one step an epoch, and five epochs are five steps: too few to tell a plateau from Adam's noise). Then it
-anneals: `anneal_steps` more steps with the lr falling linearly to 0, and stops (or at `max_steps`).
-Every run reports the full matching loss L = MSE(f(θ; F ∪ R), h) (eval mode) at start and end, the steps
-and epochs taken, the anneal's steps and the per-sample gradients it evaluated (`MatchingStats`).
+last `patience` epochs. Then it anneals: `anneal_steps` more steps with the lr falling linearly to 0,
+and stops (or at `max_steps`). Every run reports the full matching loss L = MSE(f(θ; F ∪ R), h) (eval
+mode) at start and end, the steps and epochs taken, the anneal's steps and the per-sample gradients it
+evaluated (`MatchingStats`).
 
 Why the anneal. At a constant lr Adam's steps keep a size of about lr whatever the gradient, so the loss
 settles at a noise floor; where h is close to θ0's outputs (mnist1d's TRAK targets: L_start ≈ 0.003)
@@ -22,14 +21,13 @@ anneals, but ties the schedule to |F ∪ R| (a request of 40 points has one step
 left 0.2 % of the lr by step 200, and the loss stalled rather than converged). The anneal counts steps.
 README, "The matching's stopping rule and its defaults", has the sweeps behind the defaults.
 
-Cost. On a small model a step's cost is mostly fixed (mnist1d's CNN, one CPU thread: 0.6 ms for 8 points,
-1.8 ms for 64), so a request's wall time is its steps: Adam runs fused where torch has
+Cost. On a small model a step costs about the same whatever the batch (mnist1d's CNN: ≈ 3.5 ms on one
+CPU thread for 8 to 50 points), so a request's wall time is its steps: Adam runs fused where torch has
 the kernel (CPU, CUDA), and the rule reads the minibatch losses instead of a full pass after every
 epoch (one per step on requests of ≤ 64 points).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,21 +49,18 @@ class MatchingConfig:
     lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
     anneal_steps: int = 100    # after the plateau: this many more steps, the lr falling linearly to 0
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
-    min_steps: int = 50        # at least this many optimiser steps at the full lr, however small F ∪ R is
+    min_steps: int = 100       # at least this many optimiser steps at the full lr, however small F ∪ R is
     max_steps: int = 5000      # at most this many
-    tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over the patience window:
-    patience: int = 5          # the last `patience` epochs,
-    patience_steps: int = 20   # and as many more as it takes to span this many steps
+    tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
+    patience: int = 5
     seed: int = 0              # draws R and the minibatch order
 
     def __post_init__(self):
         if self.anneal_steps < 0:
             raise MatchingError(f"anneal steps {self.anneal_steps} is negative; use >= 0 (default 100)")
-        if self.batch_size < 1 or self.patience < 1 or self.patience_steps < 0 \
-                or not 1 <= self.min_steps <= self.max_steps:
-            raise MatchingError(f"need batch size >= 1, patience >= 1, patience steps >= 0 and 1 <= min steps <= max "
-                                f"steps, got {self.batch_size}, {self.patience}, {self.patience_steps}, "
-                                f"{self.min_steps}, {self.max_steps}; raise them")
+        if self.batch_size < 1 or self.patience < 1 or not 1 <= self.min_steps <= self.max_steps:
+            raise MatchingError(f"need batch size >= 1, patience >= 1 and 1 <= min steps <= max steps, got "
+                                f"{self.batch_size}, {self.patience}, {self.min_steps}, {self.max_steps}; raise them")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1 or not self.tol >= 0:
             raise MatchingError(f"need lr > 0, 0 < lr decay <= 1 and tol >= 0, got lr={self.lr}, "
                                 f"decay={self.lr_decay}, tol={self.tol}; e.g. --lr 5e-3 --lr-decay 1 --tol 1e-3")
@@ -127,7 +122,6 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in FUSED_ADAM_DEVICES)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
     order = torch.Generator().manual_seed(config.seed)
-    window = max(config.patience, math.ceil(config.patience_steps / math.ceil(len(inputs) / config.batch_size)))
     start = matching_loss(model, inputs, targets)
     history = [start]
     steps = epochs = grads = annealed = 0
@@ -155,7 +149,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             continue
         sched.step()
         history.append(epoch_sum.item() / epoch_points)
-        if steps >= config.min_steps and _plateaued(history, window, config.tol * start):
+        if steps >= config.min_steps and _plateaued(history, config.patience, config.tol * start):
             if config.anneal_steps == 0:
                 break
             anneal_from = opt.param_groups[0]["lr"]

@@ -108,9 +108,8 @@ def reference_match(model, x, targets, config, per_step=False):
     """DESIGN §1.3's fine-tune and its stopping rule written out: Adam on the MSE over all k logits, minibatches
     in the order `torch.randperm` draws from config.seed, lr = config.lr × decay^epoch set by hand (× decay^step
     if per_step, the bug the test must catch); each epoch's loss the size-weighted mean of its minibatch losses;
-    converged once at least min_steps steps are taken and the best epoch loss of the last W epochs is not below
-    the best before them by more than tol × the starting (full, eval-mode) loss, W the larger of `patience` and
-    the epochs that span `patience_steps` steps; then anneal_steps
+    converged once at least min_steps steps are taken and the best epoch loss of the last `patience` epochs is
+    not below the best before them by more than tol × the starting (full, eval-mode) loss; then anneal_steps
     more steps at lr × (A − j)/A, j = 0..A−1, and a stop (or at max_steps).
     Returns the model, the full loss at start and end, the epoch losses until convergence and the steps."""
     def full_loss():
@@ -143,8 +142,7 @@ def reference_match(model, x, targets, config, per_step=False):
             continue
         epoch += 1
         losses.append(sum(v * n for v, n in batch_losses) / sum(n for _, n in batch_losses))
-        steps_per_epoch = -(-len(x) // config.batch_size)
-        window = max(config.patience, -(-config.patience_steps // steps_per_epoch))
+        window = config.patience
         if step >= config.min_steps and len(losses) > window and \
                 min(losses[:-window]) - min(losses[-window:]) <= config.tol * start:
             if config.anneal_steps == 0:
@@ -170,16 +168,14 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     # parameters; the stop is the same
     defaults = MatchingConfig()
     assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.anneal_steps,
-            defaults.max_steps, defaults.tol, defaults.patience, defaults.patience_steps) == \
-        (5e-3, 64, 1.0, 50, 100, 5000, 1e-3, 5, 20)
+            defaults.max_steps, defaults.tol, defaults.patience) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5)
     x, targets = torch.randn(1100, 5), torch.randn(1100, 4)
 
     def start():
         torch.manual_seed(1)
         return torch.nn.Linear(5, 4)
 
-    # batch 512: 3 steps an epoch, so patience_steps=30 makes the window 10 epochs, not `patience`'s 5
-    for config in (defaults, MatchingConfig(batch_size=512, patience_steps=30), MatchingConfig(lr_decay=0.97)):
+    for config in (defaults, MatchingConfig(lr_decay=0.97)):
         got, stats = match_logits(start(), x, targets, config)
         want, (loss_start, loss_end), losses, steps = reference_match(start(), x, targets, config)
         for g, w in zip(got.parameters(), want.parameters()):
@@ -215,7 +211,7 @@ def test_the_anneal_continues_the_converged_run_and_ends_lower():
 
 @pytest.mark.parametrize("bad", [dict(min_steps=0), dict(anneal_steps=-1), dict(min_steps=10, max_steps=5), dict(batch_size=0),
                                  dict(lr=0.0), dict(lr_decay=1.5), dict(tol=-1.0), dict(patience=0),
-                                 dict(patience_steps=-1), dict(retain_ratio=-1.0)])
+                                 dict(retain_ratio=-1.0)])
 def test_matching_config_refuses_bad_settings(bad):
     with pytest.raises(MatchingError):
         MatchingConfig(**bad)

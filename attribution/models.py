@@ -50,12 +50,14 @@ class MatmulConv1d(nn.Conv1d):
     """nn.Conv1d (the same parameters, init and function) computed as one matmul over its windows on batches of
     up to `MATMUL_MAX_BATCH` points, and by nn.Conv1d (oneDNN on a CPU) above.
 
-    out[n, o, l] = b_o + Σ_{c,j} W[o, c, j] · x_pad[n, c, s·l + j]: the windows (N·L', C·k) times W viewed
-    (O, C·k)ᵀ. At `cnn1d`'s sizes oneDNN's fixed cost per call is much of a small step, so a matching step
+    out[n, o, l] = b_o + Σ_{c,j} W[o, c, j] · x_pad[n, c, s·l + j]: the windows (N·L', k·C) times W laid out
+    (O, k·C), transposed. At `cnn1d`'s sizes oneDNN's fixed cost per call is much of a small step, so a matching step
     (batch 64) is cheaper so (`benchmarks/bench_unlearn.py`), while on thousands of points (θ0's logits,
     evaluations) the window copies cost more than oneDNN's kernel saves. The windows are k strided slices of
     x_pad, stacked: slicing's backward is cheaper than `unfold`'s and has a vmap batching rule (the engine's
-    stacked models), which `unfold_backward` lacks. It takes only what the matmul computes: no dilation or
+    stacked models), which `unfold_backward` lacks. They are laid out (k, C) — runs of C contiguous
+    channels, W permuted to match — since stacking k interleaved single floats, the (C, k) layout, is a
+    scattered copy several times slower. It takes only what the matmul computes: no dilation or
     groups, always a bias, zero padding.
     """
 
@@ -66,13 +68,13 @@ class MatmulConv1d(nn.Conv1d):
         if x.shape[0] > MATMUL_MAX_BATCH:
             return super().forward(x)
         (k,), (stride,), (pad,) = self.kernel_size, self.stride, self.padding
-        rows = F.pad(x, (pad, pad)).transpose(1, 2)  # (N, L + 2·pad, C)
+        rows = F.pad(x.transpose(1, 2), (0, 0, pad, pad))  # (N, L + 2·pad, C), channels contiguous
         n, padded, c = rows.shape
         length = (padded - k) // stride + 1
         last = stride * (length - 1) + 1
-        windows = torch.stack([rows[:, j: j + last: stride] for j in range(k)], dim=-1)  # (N, L', C, k)
-        out = torch.addmm(self.bias, windows.reshape(n * length, c * k),
-                          self.weight.view(self.out_channels, c * k).t())
+        windows = torch.stack([rows[:, j: j + last: stride] for j in range(k)], dim=-2)  # (N, L', k, C)
+        out = torch.addmm(self.bias, windows.reshape(n * length, k * c),
+                          self.weight.transpose(1, 2).reshape(self.out_channels, k * c).t())
         return out.view(n, length, self.out_channels).transpose(1, 2)
 
 

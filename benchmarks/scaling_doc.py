@@ -55,13 +55,16 @@ def human(nbytes: float) -> str:
     return f"{nbytes:.0f} B"
 
 
-def measure_iterations(url: str, targets: int) -> dict:
-    """FISTA iterations per regression (λ path + refit, summed over columns) of the real solver, default
-    settings, on the first `targets` targets of a fitted store's subset models."""
+def measure_iterations(url: str, targets: int, tol: float | None = None) -> dict:
+    """FISTA iterations per regression (λ path + refit, summed over columns) of the real solver with `dmm fit`'s
+    default λ path and tolerance (or `tol`), on the first `targets` targets of a fitted store's subset models."""
     import attribution.lasso as lasso
     from attribution.datamodels import fit_target_chunk
     from attribution.lds import holdout_split
     from attribution.store import AttributionStore
+    from cluster.fit import FitConfig
+
+    config = FitConfig() if tol is None else FitConfig(tol=tol)
 
     store = AttributionStore.open(url)
     blocks = store.completed_blocks()
@@ -78,12 +81,13 @@ def measure_iterations(url: str, targets: int) -> dict:
     try:
         start = time.perf_counter()
         fit_target_chunk(masks[fit_rows], logits[fit_rows], masks[lds_rows], logits[lds_rows],
-                         np.zeros(targets, dtype=np.int64), path_length=lasso.DEFAULT_PATH_LENGTH)
+                         np.zeros(targets, dtype=np.int64), path_length=config.path_length, tol=config.tol,
+                         max_iter=config.max_iter)
         seconds = time.perf_counter() - start
     finally:
         lasso.fista = real
     regressions = targets * store.spec.num_classes
-    return {"store": url, "n": store.spec.n_train, "models": len(masks), "regressions": regressions,
+    return {"store": url, "n": store.spec.n_train, "models": len(masks), "regressions": regressions, "tol": config.tol,
             "iterations_per_regression": sum(calls) / regressions, "seconds": seconds}
 
 
@@ -187,7 +191,7 @@ def render(bench: dict, training: dict | None, iters: dict | None, sparse: dict 
         flops = fit_flops(n, p, k, m, I, c["val"], c["holdout"])
         total = sum(flops.values())
         out += [f"FISTA iterations per regression, measured by this script on the real solver (default λ path of "
-                f"{20} points, tol 1e-5; store {iters['store']}, n = {iters['n']:,}, {iters['models']:,} models, "
+                f"{20} points, tol {iters['tol']:g}; store {iters['store']}, n = {iters['n']:,}, {iters['models']:,} models, "
                 f"{iters['regressions']} regressions, {iters['seconds']:.1f} s): **I = {I:.0f}** (λ path + refit). "
                 "At CIFAR-10 the problem is larger and I may differ; the FISTA term scales linearly in it.", "",
                 "| term | FLOPs |", "|---|---|"]

@@ -13,8 +13,9 @@ def fit_cmd(args) -> int:
         # and peak RSS grows with n_points. One decode thread keeps it flat (the solve dominates the time).
         zarr.config.set({"threading.max_workers": 1})
     config = FitConfig(holdout_models=args.holdout_models, path_length=args.path_length,
-                       targets_per_chunk=args.targets_per_chunk, rows_per_chunk=args.rows_per_chunk,
-                       device=args.device, max_task_memory_gb=args.max_task_memory, targets=args.targets)
+                       tol=args.tol, max_iter=args.max_iter, targets_per_chunk=args.targets_per_chunk,
+                       rows_per_chunk=args.rows_per_chunk, device=args.device, max_task_memory_gb=args.max_task_memory,
+                       targets=args.targets)
     report = fit_store(args.store, config, address=args.address, workers=args.workers)
     print("\n".join(format_report(report)))
     return 0
@@ -26,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--holdout-models", type=int, default=FitConfig.holdout_models,
                    help="subset models kept out of fitting, for the LDS")
     p.add_argument("--path-length", type=int, default=FitConfig.path_length, help="λ values per path")
+    p.add_argument("--tol", type=float, default=FitConfig.tol,
+                   help="the solver's relative duality gap at which a regression stops (default %(default)g; a group "
+                        "fitted before it was the default resumes with --tol 1e-5)")
+    p.add_argument("--max-iter", type=int, default=FitConfig.max_iter, help="the solver's iterations per λ at most")
     p.add_argument("--targets-per-chunk", type=int, default=FitConfig.targets_per_chunk,
                    help="points per task (each has k regressions); memory grows with it")
     p.add_argument("--rows-per-chunk", type=int, default=FitConfig.rows_per_chunk,

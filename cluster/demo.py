@@ -24,7 +24,7 @@ from matching.request import unlearn_request
 
 from .commands_calibrate import calibrate_store
 from .estimate import EstimateRequest, run_estimate
-from .fit import FitConfig, fit_store, format_report
+from .fit import fit_store, format_report, resume_config
 
 
 KLOM_MODELS = 20  # N per population: enough to see the gap, small enough for the demo (floor ≈ 5 on digits)
@@ -59,7 +59,8 @@ def run_demo(out_dir: str = "demo_out", num_models: int = 2048, forget_per_reque
     print(f"trained {result.trained} blocks, skipped {result.skipped} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("fit: L1 datamodels of every (point, class)")
-    print("\n".join(format_report(fit_store(store_url, FitConfig()))) + f" ({time.perf_counter() - t:.0f} s)")
+    report = fit_store(store_url, resume_config(store_url))  # a store fitted under other settings is finished with them
+    print("\n".join(format_report(report)) + f" ({time.perf_counter() - t:.0f} s)")
 
     t = _stage(f"calibrate: β's deletion scales ({CALIBRATION_MODELS} models on α' = {CALIBRATION_ALPHA} subsets) and "
                f"the training set size's effect ({CALIBRATION_FULL_MODELS} models on all of S)")

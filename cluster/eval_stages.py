@@ -74,7 +74,7 @@ def _store(inputs: dict) -> AttributionStore:
 def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
     """Reuse the store at config["url"], or estimate and fit it there first (both resumable)."""
     from .estimate import EstimateRequest, run_estimate
-    from .fit import FitConfig, fit_store
+    from .fit import fit_store, resume_config
 
     url, source = config["url"], config["source"]
     if config.get("num_models") is not None:
@@ -85,7 +85,7 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
             from attribution.trak import TrakSettings, run_trak
             run_trak(AttributionStore.open(url, "r+"), TrakSettings())
         else:
-            fit_store(url, FitConfig())
+            fit_store(url, resume_config(url))
     fitted_group(AttributionStore.open(url, "r"), source, every_target=True)  # one-line error: incomplete, or a subset
     _write_json(out / "store.json", {"url": url, "source": source})
 

@@ -40,21 +40,27 @@ from attribution.datasets import check_fingerprint, load_dataset
 from attribution.device import resolve_device
 from attribution.errors import DmmError
 from attribution.fit_memory import check_task_memory
-from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH, DEFAULT_TOL
+from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH
 from attribution.lasso_stats import build_design
 from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
-from attribution.fit_group import create_fit_group, refuse_other_settings, write_row_copy
+from attribution.fit_group import create_fit_group, fit_group_attrs, refuse_other_settings, write_row_copy
 from attribution.store import AttributionStore
 from attribution.target_subset import ALL, parse_targets
 
 from .ray_runtime import cluster_address, connect
 
 
+# The fit's solver tolerance (relative duality gap). Looser than the solver's own default (DEFAULT_TOL, 1e-5):
+# a datamodel's error is its sampling error over m subset models, and at 1e-3 the LDS and the DM-Direct targets
+# are those of 1e-5 to float rounding at a fraction of the time (README, "The fit's tolerance").
+FIT_TOL = 1e-3
+
+
 @dataclass(frozen=True)
 class FitConfig:
     holdout_models: int = 100
     path_length: int = DEFAULT_PATH_LENGTH
-    tol: float = DEFAULT_TOL
+    tol: float = FIT_TOL
     max_iter: int = DEFAULT_MAX_ITER
     targets_per_chunk: int = 256
     rows_per_chunk: int = 1
@@ -63,10 +69,27 @@ class FitConfig:
     max_task_memory_gb: float | None = None
     targets: str = ALL  # the target spec: every point, or a subset (recorded as the group's `targets` attr)
 
+    def __post_init__(self):
+        if not (np.isfinite(self.tol) and self.tol > 0) or self.max_iter < 1:
+            raise DmmError(f"solver tolerance {self.tol} / max iterations {self.max_iter} out of range; pass "
+                           f"--tol > 0 and --max-iter >= 1 (defaults {FIT_TOL:g}, {DEFAULT_MAX_ITER})")
+
     def as_attrs(self) -> dict:
         """What fixes the fitted β (recorded in the group; a resume must match it). Not where it runs."""
         return {"holdout_models": self.holdout_models, "path_length": self.path_length,
                 "val_fraction": self.val_fraction, "tol": self.tol, "max_iter": self.max_iter}
+
+
+def resume_config(store_url: str, prefix: str = "datamodels") -> FitConfig:
+    """The defaults, but the settings a store's existing `prefix` group was started with where it has one: how the
+    demo and the evaluation fit, so that they finish or reuse a group fitted under other settings (an earlier
+    default tolerance, a `dmm fit --path-length`) instead of refusing it. Explicit `dmm fit` flags are still checked."""
+    attrs = fit_group_attrs(AttributionStore.open(store_url), prefix)
+    if attrs is None:
+        return FitConfig()
+    kept = attrs.get("config", {})
+    return FitConfig(targets_per_chunk=attrs["target_chunk"], rows_per_chunk=attrs["row_chunk"],
+                     **{k: kept[k] for k in FitConfig().as_attrs() if k in kept})
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ One small store for the whole file: the class-balanced digits subset (300 train 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,9 @@ from attribution.errors import DmmError
 from attribution.recipes import default_recipe
 from attribution.store import AttributionStore
 from attribution.subsets import block_subsets
-from cluster import commands_fit
 from cluster.cli import main
 from cluster import fit as fit_module
-from cluster.fit import FitConfig, fit_store
+from cluster.fit import FitConfig, fit_store, resume_config
 
 from fixtures_store import BLOCK_SIZE, MODEL, DigitsStore, digits_subset, np_margin, tree_hashes
 
@@ -38,6 +37,13 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 NUM_MODELS = 200
 # 500 points / 128 → 4 chunks, the last one partial (116 targets)
 CONFIG = FitConfig(holdout_models=20, path_length=4, tol=1e-3, max_iter=50, targets_per_chunk=128)
+CLI_FLAGS = {"--holdout-models": "20", "--path-length": "4", "--tol": "1e-3", "--max-iter": "50",
+             "--targets-per-chunk": "128"}  # CONFIG's, as `dmm fit` flags
+
+
+def fit_argv(url: str, changes: dict | None = None) -> list[str]:
+    """`dmm fit` with CONFIG's settings, `changes` (flag: value) applied."""
+    return ["fit", "--store", url, *(arg for item in {**CLI_FLAGS, **(changes or {})}.items() for arg in item)]
 FIT_ARRAYS = ("weight", "bias", "lam", "lds", "lds_margin")
 
 
@@ -163,6 +169,25 @@ def test_resume_fits_only_unmarked_chunks(base, fitted, tmp_path):
     assert tree_hashes(Path(url)) == digest
 
 
+def test_the_demo_and_the_evaluation_finish_a_group_with_the_settings_it_was_started_with(base, fitted, tmp_path):
+    """`resume_config`: a group started under settings other than the defaults (CONFIG here, as a store fitted under
+    an earlier default tolerance) is finished with its own, where the defaults are refused; no group, the defaults."""
+    assert resume_config(base.url) == FitConfig()
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(fitted[0], url)
+    before = read_fit(url)
+    AttributionStore.open(url, "r+").fit_group("datamodels").done[2] = False
+    digest = tree_hashes(Path(url))
+    with pytest.raises(DmmError, match="path_length=4 \\(now 20\\)"):
+        fit_store(url, FitConfig())
+    assert tree_hashes(Path(url)) == digest
+    assert resume_config(url) == CONFIG
+    assert fit_store(url, resume_config(url))["chunks_fitted"] == 1
+    after = read_fit(url)
+    for name in FIT_ARRAYS:
+        assert after[name].tobytes() == before[name].tobytes(), name
+
+
 def test_rerun_with_other_settings_is_refused_and_writes_nothing(fitted, tmp_path, capsys):
     url = str(tmp_path / "s.zarr")
     shutil.copytree(fitted[0], url)
@@ -171,10 +196,15 @@ def test_rerun_with_other_settings_is_refused_and_writes_nothing(fitted, tmp_pat
         fit_store(url, replace(CONFIG, path_length=5))
     msg = str(err.value)
     assert "\n" not in msg and "path_length=4 (now 5)" in msg and "max_iter" not in msg
-    assert main(["fit", "--store", url, "--holdout-models", "20", "--path-length", "5",
-                 "--targets-per-chunk", "128"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("dmm: error: datamodels/") and "\n" not in err and "path_length=4 (now 5)" in err
+    for flag, value, named in [("--path-length", "5", "path_length=4 (now 5)"),
+                               ("--tol", "1e-4", "tol=0.001 (now 0.0001)"), ("--max-iter", "60", "max_iter=50 (now 60)")]:
+        assert main(fit_argv(url, {flag: value})) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dmm: error: datamodels/") and "\n" not in err and named in err
+    for flag, value in [("--tol", "0"), ("--tol", "nan"), ("--max-iter", "0")]:  # refused before the store is opened
+        assert main(fit_argv(url, {flag: value})) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "--tol > 0 and --max-iter >= 1" in err
     assert tree_hashes(Path(url)) == digest
 
 
@@ -211,20 +241,11 @@ def test_dask_on_ray_puts_the_masks_once_and_gives_the_threads_result(ray_sessio
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, equal_nan=True, err_msg=name)
 
 
-@dataclass(frozen=True)
-class CheapFitConfig(FitConfig):
-    tol: float = CONFIG.tol
-    max_iter: int = CONFIG.max_iter
-
-
-def test_cli_prints_the_lds_summary(fitted, tmp_path, monkeypatch, capsys):
+def test_cli_prints_the_lds_summary(fitted, tmp_path, capsys):
     url = str(tmp_path / "s.zarr")
     shutil.copytree(fitted[0], url)
     AttributionStore.open(url, "r+").fit_group("datamodels").done[0] = False
-    # the CLI exposes no solver tolerances: give it the test's cheap ones (part of the group's config)
-    monkeypatch.setattr(commands_fit, "FitConfig", CheapFitConfig)
-    rc = main(["fit", "--store", url, "--holdout-models", "20", "--path-length", "4", "--targets-per-chunk", "128",
-               "--device", "cpu", "--max-task-memory", "0.04"])
+    rc = main(fit_argv(url, {"--device": "cpu", "--max-task-memory": "0.04"}))
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "fitted 1 target chunks on 180 subset models; LDS on 20 held-out models:" in out

@@ -33,7 +33,6 @@ from .eval_methods import hyperparameters
 
 # DMM/OM's flags: MatchingConfig field -> one-line doc (argparse help and `dmm methods`)
 MATCHING_DOCS = {
-    "optimizer": "adam (minibatches, plateau, anneal) or lbfgs (full batch, stops when an iteration gains < tol)",
     "lr": "Adam learning rate",
     "batch_size": "minibatch size",
     "lr_decay": "lr factor per epoch",

@@ -39,15 +39,11 @@ from torch import nn
 from .errors import MatchingError
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch's fused Adam kernel exists; elsewhere the for-loop one
-OPTIMIZERS = ("adam", "lbfgs")
-LBFGS_HISTORY = 10      # L-BFGS's memory: curvature pairs kept (torch's default is 100; 10 is the textbook's)
-GRADIENT_CHUNK = 512    # L-BFGS's full-batch gradient sums over chunks of at most this many points
 
 
 @dataclass(frozen=True)
 class MatchingConfig:
     """The fine-tuning of DMM/OM and its stopping rule (module docstring); defaults from the digits sweep (README)."""
-    optimizer: str = "adam"    # "adam": minibatches, plateau rule, anneal; "lbfgs": full batch, `tol` per iteration
     lr: float = 5e-3
     batch_size: int = 64
     lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
@@ -60,8 +56,6 @@ class MatchingConfig:
     seed: int = 0              # draws R and the minibatch order
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise MatchingError(f"unknown matching optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if self.anneal_steps < 0:
             raise MatchingError(f"anneal steps {self.anneal_steps} is negative; use >= 0 (default 100)")
         if self.batch_size < 1 or self.patience < 1 or not 1 <= self.min_steps <= self.max_steps:
@@ -124,21 +118,11 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     if targets.shape[0] != inputs.shape[0]:
         raise MatchingError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets; give one target row per point")
     clock = time.perf_counter()
-    start = matching_loss(model, inputs, targets)
-    run = _match_lbfgs if config.optimizer == "lbfgs" else _match_adam
-    steps, epochs, annealed, grads = run(model, inputs, targets, config, start)
-    end = matching_loss(model, inputs, targets)
-    return model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
-
-
-def _match_adam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: MatchingConfig,
-                start: float) -> tuple[int, int, int, int]:
-    """Adam over minibatches until the plateau rule holds, then the anneal; returns steps, epochs, anneal steps
-    and sample gradients."""
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in FUSED_ADAM_DEVICES)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
     order = torch.Generator().manual_seed(config.seed)
+    start = matching_loss(model, inputs, targets)
     history = [start]
     steps = epochs = grads = annealed = 0
     anneal_from = None  # the lr when the plateau was reached; then the anneal runs
@@ -169,36 +153,8 @@ def _match_adam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, c
             if config.anneal_steps == 0:
                 break
             anneal_from = opt.param_groups[0]["lr"]
-    return steps, epochs, annealed, grads
-
-
-def _match_lbfgs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: MatchingConfig,
-                 start: float) -> tuple[int, int, int, int]:
-    """Full-batch L-BFGS with a strong-Wolfe line search on L itself (eval mode: a deterministic objective), until
-    an iteration lowers L by less than tol · L_start or at max_steps iterations; returns iterations, full passes
-    (loss and gradient evaluations), 0 anneal steps and sample gradients. lr, batch size, the floor, the anneal
-    and the patience are Adam's and not used."""
-    device = next(model.parameters()).device
-    model.eval()
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=config.max_steps, max_eval=10 * config.max_steps,
-                            history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe", tolerance_grad=0.0,
-                            tolerance_change=config.tol * start)
-    passes = 0
-
-    def loss_and_gradient() -> torch.Tensor:
-        nonlocal passes
-        opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for x, t in zip(inputs.split(GRADIENT_CHUNK), targets.split(GRADIENT_CHUNK)):
-            loss = F.mse_loss(model(x.to(device)), t.to(device), reduction="sum") / targets.numel()
-            loss.backward()
-            total += loss.detach()
-        passes += 1
-        return total
-
-    opt.step(loss_and_gradient)
-    steps = opt.state[next(model.parameters())]["n_iter"] if opt.state else 0
-    return steps, passes, 0, passes * len(inputs)
+    end = matching_loss(model, inputs, targets)
+    return model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
 
 
 def _plateaued(history: list[float], patience: int, threshold: float) -> bool:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = ("forget_set", "method", "diverged", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
-           "klom50_retain", "klom50_heldout", "acc_forget", "acc_retain", "acc_heldout", "gap_forget",
-           "gap_retain", "gap_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps",
-           "weight_distance", "seconds", "cost_vs_retrain", "sample_grads", "grads_vs_retrain", "steps")
+           "klom50_retain", "klom50_heldout", "spread_forget", "spread_retain", "spread_heldout", "acc_forget",
+           "acc_retain", "acc_heldout", "gap_forget", "gap_retain", "gap_heldout", "mia_svc", "mia_entropy",
+           "ulira_auc", "relearn_steps", "weight_distance", "seconds", "cost_vs_retrain", "sample_grads", "grads_vs_retrain", "steps")
 GROUPS = ("forget", "retain", "heldout")
 
 
@@ -32,6 +32,7 @@ def result_row(forget_set: str, metrics: dict) -> dict:
     for g in GROUPS:
         row[f"klom95_{g}"] = metrics["klom"][g]["p95"]
         row[f"klom50_{g}"] = metrics["klom"][g]["median"]
+        row[f"spread_{g}"] = metrics.get("spread", {}).get(g)  # absent from metrics cached before it was added
         row[f"acc_{g}"] = metrics["accuracy"][g]
         row[f"gap_{g}"] = metrics["accuracy_gap"][g]
     for key in ("mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "weight_distance", "seconds",
@@ -61,13 +62,15 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps({"klom_direction": direction, "models": n_models, "rows": rows},
                                                  indent=1))
-    main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "acc_forget", "acc_retain",
-            "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps", "cost_vs_retrain",
-            "grads_vs_retrain", "diverged")
+    main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "spread_forget", "acc_forget",
+            "acc_retain", "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps",
+            "cost_vs_retrain", "grads_vs_retrain", "diverged")
     parts = [f"# Unlearning evaluation\n\nKLoM = binned KL between margin distributions over N = {n_models} "
              f"models per population, direction KL({direction.replace('||', ' ‖ ')}); columns klom95_* are "
              "the 95th percentile over the points of each group. `retrain` is a second, independent set of "
-             "oracles: its KLoM is the noise floor. mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
+             "oracles: its KLoM is the noise floor. spread_* = the population's mean margin sd over the oracles' "
+             "(KL(oracle ‖ unlearned) falls as a population widens: a low KLoM with a spread well above 1 is "
+             "noise, not forgetting). mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
              "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; cost_vs_retrain = "
              "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's; "
              "diverged = models whose logits are not finite, left out of every other column.\n"]

@@ -34,7 +34,7 @@ from attribution.store import AttributionStore
 from matching.direct import fitted_group
 from matching.errors import MatchingError
 from matching.forget_sets import resolve_forget_set
-from matching.klom import klom, klom_summary
+from matching.klom import klom, klom_summary, spread_ratio
 from matching.layer_distance import TOTAL, layer_distances
 from matching.mia import ULIRA_MIN_MODELS, mia_entropy, mia_svc, ulira_auc
 from matching.relearn import relearn_steps
@@ -242,6 +242,7 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
     result = {
         "method": config["method"], "klom_direction": m["klom_direction"], "diverged": int((~kept).sum()),
         "klom": klom_summary(values, groups),
+        "spread": {g: spread_ratio(oracle_margins[:, idx], pop_margins[:, idx]) for g, idx in groups.items()},
         "accuracy": acc, "accuracy_oracle": acc_oracle,
         "accuracy_gap": {g: acc[g] - acc_oracle[g] for g in groups},
         "mia_svc": _mean_or_none([mia_svc(logits[i], labels, groups, seed=i) for i in mia_models]),

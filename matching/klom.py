@@ -6,7 +6,7 @@ belongs to the last bin, as in `np.histogram`; a point whose values are all equa
 width 1). With p, q the normalised counts of the first and second sample (p = oracle by default),
 q is floored at eps where p > 0 and renormalised, and KLoM(x) = Σ_b p_b log(p_b / q_b) — the
 value `scipy.stats.entropy(p, q_floored)` gives, as in the reference benchmark's own code.
-Computed in float64.
+Computed in float64. `spread_ratio` goes beside it: how wide a population's margins are against the oracles'.
 """
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def _margin_samples(name: str, values) -> np.ndarray:
         raise MatchingError(f"{name} margins hold NaN at {int(bad.sum())} point(s) (first: {int(np.argmax(bad))}); "
                             "a model diverged: drop it or fix its training before computing KLoM")
     return values
+
+
+def _paired_samples(oracle_margins, unlearned_margins) -> tuple[np.ndarray, np.ndarray]:
+    """Both samples checked, on the same points."""
+    oracle = _margin_samples("oracle", oracle_margins)
+    unlearned = _margin_samples("unlearned", unlearned_margins)
+    if oracle.shape[1] != unlearned.shape[1]:
+        raise MatchingError(f"oracle margins cover {oracle.shape[1]} points but unlearned margins {unlearned.shape[1]}; "
+                            "give both on the same points in the same order")
+    return oracle, unlearned
 
 
 def _bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -58,11 +68,7 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, clip: float = 100.0,
     if int(bins) != bins or bins < 1 or not clip > 0 or not 0 < eps < 1:
         raise MatchingError(f"need an integer bins >= 1, clip > 0 and 0 < eps < 1, got bins={bins}, clip={clip}, "
                             f"eps={eps}; the reference is bins=20, clip=100, eps=1e-5")
-    oracle = _margin_samples("oracle", oracle_margins)
-    unlearned = _margin_samples("unlearned", unlearned_margins)
-    if oracle.shape[1] != unlearned.shape[1]:
-        raise MatchingError(f"oracle margins cover {oracle.shape[1]} points but unlearned margins {unlearned.shape[1]}; "
-                            "give both on the same points in the same order")
+    oracle, unlearned = _paired_samples(oracle_margins, unlearned_margins)
     first, second = (oracle, unlearned) if direction == DIRECTIONS[0] else (unlearned, oracle)
     first, second = np.clip(first, -clip, clip), np.clip(second, -clip, clip)
     lo = np.minimum(first.min(axis=0), second.min(axis=0))
@@ -74,6 +80,18 @@ def klom(oracle_margins, unlearned_margins, bins: int = 20, clip: float = 100.0,
     q = np.where(p > 0, np.maximum(q, eps), q)
     q /= q.sum(axis=1, keepdims=True)
     return rel_entr(p, q).sum(axis=1)  # p log(p/q), 0 where p = 0
+
+
+def spread_ratio(oracle_margins, unlearned_margins) -> float:
+    """Mean over points of the unlearned models' margin sd (over models) over the oracles' mean sd: 1 where the
+    unlearned population is as spread as the oracles.
+
+    KLoM's reference direction, KL(oracle ‖ unlearned), rewards spread: q floored at eps is small wherever the
+    unlearned sample is narrow, so noise added to the unlearned margins lowers it, even below the floor (README,
+    "KLoM rewards spread"). A low KLoM with a ratio well above 1 is spread, not forgetting.
+    """
+    oracle, unlearned = _paired_samples(oracle_margins, unlearned_margins)
+    return float(unlearned.std(axis=0).mean() / oracle.std(axis=0).mean())
 
 
 def klom_summary(values, groups: dict) -> dict[str, dict[str, float]]:

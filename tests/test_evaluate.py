@@ -78,8 +78,11 @@ def test_klom_in_the_report_recomputes_from_the_saved_margins(evaluated):
     oracle = np.load(folder / "oracle.npy")
     rows = {r["method"]: r for r in result["rows"] if r["forget_set"] == "random:10:0"}
     for method, file in (("retrain", "floor"), ("dmm", "dmm"), ("nothing", "nothing")):
-        values = klom(oracle, np.load(folder / f"{file}.npy"))
+        population = np.load(folder / f"{file}.npy")
+        values = klom(oracle, population)
         assert rows[method]["klom95_forget"] == pytest.approx(np.percentile(values[forget], 95), rel=1e-6)
+        sd_ratio = population[:, forget].std(axis=0).mean() / oracle[:, forget].std(axis=0).mean()
+        assert rows[method]["spread_forget"] == pytest.approx(sd_ratio, rel=1e-5)
 
 
 def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):

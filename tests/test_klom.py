@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import entropy
 
 from matching.errors import MatchingError
-from matching.klom import klom, klom_summary
+from matching.klom import klom, klom_summary, spread_ratio
 
 
 def reference_klom(p_samples, q_samples, bins=20, clip=100.0, eps=1e-5):
@@ -106,3 +106,27 @@ def test_summary_gives_the_95th_percentile_and_median_per_group():
         klom_summary(values, {"retain": []})
     with pytest.raises(MatchingError, match=r"indices in \[0, 100\)"):
         klom_summary(values, {"forget": [100]})
+
+
+def test_spread_ratio_is_the_mean_sd_over_the_oracles_mean_sd():
+    # oracle columns {0, 2} and {0, 4}: sds 1 and 2, mean 1.5; unlearned {0, 4} twice: sds 2 and 2, mean 2.
+    oracle = np.array([[0.0, 0.0], [2.0, 4.0]])
+    unlearned = np.array([[0.0, 0.0], [4.0, 4.0]])
+    assert spread_ratio(oracle, unlearned) == pytest.approx(4 / 3, rel=1e-12)
+    assert spread_ratio(oracle, oracle) == 1.0
+    with pytest.raises(MatchingError, match="same points"):
+        spread_ratio(oracle, unlearned[:, :1])
+
+
+def test_noise_lowers_the_reference_klom_below_the_floor_and_the_spread_shows_it():
+    """Why the report has spread_*: a second sample of the oracles' distribution is the floor; the same sample
+    with noise added scores lower in KL(oracle ‖ unlearned), higher in the other direction, and its spread is > 1."""
+    rng = np.random.default_rng(0)
+    centre = rng.normal(0, 3, 2000)
+    oracle, floor = (centre + rng.normal(0, 1, (50, 2000)) for _ in range(2))
+    noisy = floor + rng.normal(0, 1.0, floor.shape)
+    p95 = lambda x, **kw: np.percentile(klom(oracle, x, **kw), 95)  # noqa: E731
+    assert p95(noisy) < 0.9 * p95(floor)  # 1.51 vs 1.73
+    assert p95(noisy, direction="unlearned||oracle") > 1.2 * p95(floor, direction="unlearned||oracle")  # 2.36, 1.71
+    assert spread_ratio(oracle, noisy) == pytest.approx(np.sqrt(2), rel=0.03)
+    assert spread_ratio(oracle, floor) == pytest.approx(1.0, rel=0.03)

@@ -1,0 +1,63 @@
+"""KLoM rewards spread: a report's saved margins with Gaussian noise added, scored in both KLoM directions.
+
+Reads `margins/<set>/` of a `dmm evaluate` report (oracle.npy, floor.npy, <method>.npy, groups.json) and, for
+the floor (`retrain`, a second oracle sample) and one method, prints KLoM95 forget / retain / held-out in both
+directions and the spread (`matching.klom.spread_ratio`, F / R) as saved and with N(0, sd²) added to every
+margin (seed 0). In the reference direction KL(oracle ‖ unlearned) the noisy populations score lower — the
+floor's below itself — in the other they score higher (README, "KLoM rewards spread").
+One JSON line last: {"bench": "klom_spread", "rows": {...}}.
+
+Run: python benchmarks/klom_spread.py sweep_out/digits --set random:200:0 --method dmm --floor-noise 0.2 --noise 0.3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster.eval_report import GROUPS, slug  # noqa: E402
+from matching.klom import DIRECTIONS, klom, spread_ratio  # noqa: E402
+
+
+def scores(oracle: np.ndarray, population: np.ndarray, groups: dict) -> dict:
+    """KLoM95 per group in each direction and the spread on F and R."""
+    row = {d: [float(np.percentile(klom(oracle[:, groups[g]], population[:, groups[g]], direction=d), 95))
+               for g in GROUPS] for d in DIRECTIONS}
+    row["spread"] = [spread_ratio(oracle[:, groups[g]], population[:, groups[g]]) for g in ("forget", "retain")]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("report", type=Path, help="the --out folder of a `dmm evaluate` run")
+    parser.add_argument("--set", required=True, help="forget set, as in the spec (random:200:0)")
+    parser.add_argument("--method", default="dmm", help="a method of that run (default dmm)")
+    parser.add_argument("--noise", type=float, default=0.3, help="sd of the noise added to the method's margins")
+    parser.add_argument("--floor-noise", type=float, default=0.2, help="sd of the noise added to the floor's")
+    args = parser.parse_args()
+    folder = args.report / "margins" / slug(args.set)
+    if not (folder / "oracle.npy").exists():
+        raise SystemExit(f"error: no saved margins in {folder}; pass a report folder and a forget set it ran")
+    groups = {g: np.asarray(v) for g, v in json.loads((folder / "groups.json").read_text()).items()}
+    oracle = np.load(folder / "oracle.npy")
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name, file, sd in (("retrain", "floor", args.floor_noise), (args.method, args.method, args.noise)):
+        margins = np.load(folder / f"{file}.npy")
+        rows[name] = scores(oracle, margins, groups)
+        rows[f"{name} + N(0, {sd}²)"] = scores(oracle, margins + rng.normal(0, sd, margins.shape), groups)
+    print("| population | KL(oracle ‖ unlearned) F / R / H | KL(unlearned ‖ oracle) F / R / H | spread F / R |")
+    print("|---|---|---|---|")
+    for name, row in rows.items():
+        cells = [" / ".join(f"{v:.2f}" for v in row[k]) for k in (*DIRECTIONS, "spread")]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(json.dumps({"bench": "klom_spread", "set": args.set, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,11 @@ def fit_group_attrs(store: "AttributionStore", prefix: str) -> dict | None:
     return dict(node.attrs)
 
 
+def recorded_settings(attrs: dict) -> dict:
+    """The settings a fit group was started with, from its attrs: ``target_chunk``, ``row_chunk`` and its config."""
+    return {"target_chunk": attrs["target_chunk"], "row_chunk": attrs["row_chunk"], **attrs.get("config", {})}
+
+
 def open_fit_group(store: "AttributionStore", prefix: str) -> "FitGroup":
     """Open an existing ``datamodels``/``trak`` group (StoreError if absent)."""
     _check_prefix(prefix)
@@ -74,7 +79,7 @@ def refuse_other_settings(store: "AttributionStore", prefix: str, settings: dict
     s = store.spec
     clipped = {"target_chunk": min(settings["target_chunk"], targets.count(s.n_points)),
                "row_chunk": min(settings["row_chunk"], s.n_train)}
-    have = {"target_chunk": attrs["target_chunk"], "row_chunk": attrs["row_chunk"], **attrs.get("config", {})}
+    have = recorded_settings(attrs)
     want = norm_json({**settings, **clipped}, f"{prefix} settings")
     diff = [f"{k}={short_value(have.get(k))} (now {short_value(v)})" for k, v in want.items() if have.get(k) != v]
     diff += _targets_diff(store, prefix, attrs, targets)

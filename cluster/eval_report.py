@@ -16,7 +16,8 @@ import numpy as np
 COLUMNS = ("forget_set", "method", "diverged", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
            "klom50_retain", "klom50_heldout", "spread_forget", "spread_retain", "spread_heldout", "acc_forget",
            "acc_retain", "acc_heldout", "gap_forget", "gap_retain", "gap_heldout", "mia_svc", "mia_entropy",
-           "ulira_auc", "relearn_steps", "weight_distance", "seconds", "cost_vs_retrain", "sample_grads", "grads_vs_retrain", "steps")
+           "ulira_auc", "relearn_steps", "weight_distance", "seconds", "cost_vs_retrain", "sample_grads",
+           "grads_vs_retrain", "steps")
 GROUPS = ("forget", "retain", "heldout")
 
 

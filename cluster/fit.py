@@ -43,7 +43,8 @@ from attribution.fit_memory import check_task_memory
 from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH
 from attribution.lasso_stats import build_design
 from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
-from attribution.fit_group import create_fit_group, fit_group_attrs, refuse_other_settings, write_row_copy
+from attribution.fit_group import (create_fit_group, fit_group_attrs, recorded_settings, refuse_other_settings,
+                                  write_row_copy)
 from attribution.store import AttributionStore
 from attribution.target_subset import ALL, parse_targets
 
@@ -87,8 +88,8 @@ def resume_config(store_url: str, prefix: str = "datamodels") -> FitConfig:
     attrs = fit_group_attrs(AttributionStore.open(store_url), prefix)
     if attrs is None:
         return FitConfig()
-    kept = attrs.get("config", {})
-    return FitConfig(targets_per_chunk=attrs["target_chunk"], rows_per_chunk=attrs["row_chunk"],
+    kept = recorded_settings(attrs)
+    return FitConfig(targets_per_chunk=kept["target_chunk"], rows_per_chunk=kept["row_chunk"],
                      **{k: kept[k] for k in FitConfig().as_attrs() if k in kept})
 
 

@@ -8,7 +8,6 @@ LDS compares the margin of the predicted k-logit vector with the real margin.
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 import torch
 
 from .errors import DmmError
@@ -26,8 +25,10 @@ def lds(pred: np.ndarray, real: np.ndarray) -> np.ndarray:
     if pred.shape != real.shape or pred.ndim < 1:
         raise DmmError(f"LDS needs predictions and outputs of one shape (H, ...), got {pred.shape} and {real.shape}; "
                        "fix: evaluate both on the same held-out models and targets")
-    rp = scipy.stats.rankdata(pred, axis=0)
-    rr = scipy.stats.rankdata(real, axis=0)
+    from scipy.stats import rankdata  # here, not at import: scipy.stats alone is most of a second of `dmm`'s start
+
+    rp = rankdata(pred, axis=0)
+    rr = rankdata(real, axis=0)
     rp -= rp.mean(axis=0)
     rr -= rr.mean(axis=0)
     pp, rr2 = (rp * rp).sum(0), (rr * rr).sum(0)

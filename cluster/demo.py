@@ -23,7 +23,6 @@ from matching.ledger import LEDGER
 from matching.request import unlearn_request
 
 from .commands_calibrate import calibrate_store
-from .estimate import EstimateRequest, run_estimate
 from .fit import fit_store, format_report, resume_config
 
 
@@ -47,6 +46,8 @@ def _row(name: str, logits: torch.Tensor, data, forget: np.ndarray, retrained: t
 
 def run_demo(out_dir: str = "demo_out", num_models: int = 2048, forget_per_request: int = 50,
              address: str | None = None, seed: int = 0) -> None:
+    from .estimate import EstimateRequest, run_estimate  # imports Ray: not at `dmm`'s start
+
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

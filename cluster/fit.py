@@ -30,8 +30,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import dask
-import dask.array as da
 import numpy as np
 from tqdm import tqdm
 
@@ -106,6 +104,8 @@ class _Scheduler:
             import ray
 
             return ray.put(value)
+        import dask
+
         return dask.delayed(value, name=name)
 
 
@@ -169,6 +169,9 @@ def _watch(group, total: int, stop: threading.Event) -> None:
 def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | None = None,
               workers: int = 1, prefix: str = "datamodels") -> dict:
     """Fit every missing target chunk of `prefix` and return the LDS summaries."""
+    import dask  # here, not at import: Dask is half a second of every `dmm` command's start
+    import dask.array as da
+
     store = AttributionStore.open(store_url)
     targets = parse_targets(config.targets, store.spec.n_points)
     blocks = store.completed_blocks()

@@ -12,18 +12,22 @@ import logging
 import os
 from pathlib import Path
 
-import ray
-
 from attribution.errors import DmmError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TOKEN_HELP = ("pass the cluster's token in RAY_AUTH_TOKEN, or in a file named by RAY_AUTH_TOKEN_PATH "
               "or at ~/.ray/auth_token")
-RAY_ERRORS = (OSError, RuntimeError, ValueError, ray.exceptions.RayError)  # network, auth, address
 
 
 class RayConnectError(DmmError):
     """The cluster cannot be reached or refuses us; the message names the fix."""
+
+
+def ray_errors() -> tuple[type[BaseException], ...]:
+    """What a failed connection or job call raises: network, auth, address (Ray is imported here, not at import)."""
+    import ray
+
+    return OSError, RuntimeError, ValueError, ray.exceptions.RayError
 
 
 def first_line(e: BaseException) -> str:
@@ -52,6 +56,8 @@ def use_cluster_token() -> bool:
 
 def connect(address: str | None = None) -> None:
     """Attach this process to Ray: reuse a running connection, join a cluster, or start a local Ray."""
+    import ray
+
     if ray.is_initialized():
         return
     address = cluster_address(address)
@@ -63,6 +69,6 @@ def connect(address: str | None = None) -> None:
     use_cluster_token()
     try:
         ray.init(address=address, logging_level=logging.WARNING)
-    except RAY_ERRORS as e:
+    except ray_errors() as e:
         raise RayConnectError(f"cannot join the Ray cluster at {address} ({first_line(e)}); fix: check "
                               f"--address/RAY_ADDRESS and {TOKEN_HELP}") from None

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from .ray_runtime import RAY_ERRORS, TOKEN_HELP, RayConnectError, first_line, use_cluster_token
+from .ray_runtime import TOKEN_HELP, RayConnectError, first_line, ray_errors, use_cluster_token
 
 
 @contextmanager
@@ -23,7 +23,7 @@ def job_api(address: str | None) -> Iterator[JobSubmissionClient]:
     use_cluster_token()
     try:
         yield JobSubmissionClient(address)
-    except RAY_ERRORS as e:  # HTTP, auth, address, unknown job id
+    except ray_errors() as e:  # HTTP, auth, address, unknown job id
         raise RayConnectError(f"Ray job API at {address or '$RAY_ADDRESS'}: {first_line(e)}; "
                               f"fix: check --address http://HOST:8265 (and the job id), and {TOKEN_HELP}") from None
 

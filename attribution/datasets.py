@@ -11,6 +11,7 @@ shards are only memory-mapped read-only). The file formats are in `dataset_files
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import pickle
@@ -115,14 +116,30 @@ def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Da
     )
 
 
-def load_digits_dataset() -> Dataset:
-    """scikit-learn digits (1797 8×8 images), stratified 80/20 split with a fixed seed, pixels / 16."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+# scikit-learn's `train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)` of its digits rows, written
+# once: the 1437 train rows in order, then the 360 held-out ones (tests/test_datasets.py checks it against scikit-learn)
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.npy")
+DIGITS_TRAIN = 1437
 
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, stratify=y, random_state=0)
-    return make_dataset("digits", x_tr, y_tr, x_te, y_te, num_classes=10)
+
+def _sklearn_digits_csv() -> Path:
+    """scikit-learn's bundled digits table (`datasets/data/digits.csv.gz`), found without importing scikit-learn,
+    whose import is about 2 s of every process that loads digits (`benchmarks/bench_cli_start.py`)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None else Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        raise DatasetError("digits is read from scikit-learn's bundled datasets/data/digits.csv.gz, which is not "
+                           "there; pip install scikit-learn")
+    return path
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's digits (1797 8×8 images, pixels 0..16 / 16), its stratified 80/20 split with seed 0."""
+    table = np.loadtxt(_sklearn_digits_csv(), delimiter=",")  # a row: 64 pixels, then the label (as `load_digits`)
+    x, y = table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
+    order = np.load(DIGITS_SPLIT)
+    train, test = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
+    return make_dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
 
 
 def load_mnist1d_dataset() -> Dataset:

@@ -6,8 +6,11 @@ uint8 images in npz:PATH and npy:DIR shards: tests/test_dataset_files.py.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -34,6 +37,9 @@ def assert_one_line(err: BaseException, *needles: str) -> str:
     for needle in needles:
         assert needle in msg, (needle, msg)
     return msg
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------- digits
@@ -72,6 +78,30 @@ def test_digits_split_and_fingerprint_are_deterministic(digits):
     assert len(digits.fingerprint) == 64 and int(digits.fingerprint, 16) >= 0
     assert digits.fingerprint == fingerprint_arrays(digits.x_train.numpy(), digits.y_train.numpy(),
                                                     digits.x_test.numpy(), digits.y_test.numpy())
+
+
+def test_digits_is_scikit_learns_load_and_split_read_without_importing_it(digits):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x / 16.0, y, test_size=0.2, stratify=y, random_state=0)
+    theirs = make_dataset("digits", x_tr, y_tr, x_te, y_te, num_classes=10)
+    for a, b in ((theirs.x_train, digits.x_train), (theirs.y_train, digits.y_train),
+                 (theirs.x_test, digits.x_test), (theirs.y_test, digits.y_test)):
+        assert torch.equal(a, b)
+    assert theirs.fingerprint == digits.fingerprint
+    code = "import sys; from attribution.datasets import load_digits_dataset; load_digits_dataset(); print(sorted(" \
+           "m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_digits_without_scikit_learn_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DatasetError) as err:
+        load_digits_dataset()
+    assert_one_line(err.value, "digits.csv.gz", "pip install scikit-learn")
 
 
 def test_fingerprint_changes_with_one_value_and_with_the_split(digits):

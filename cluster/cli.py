@@ -4,7 +4,7 @@ Input errors (`DmmError`) print one line `dmm: error: …` on stderr and exit wi
 
 Every command starts by importing this module and all command modules, so none of them imports the packages
 in `DEFERRED_IMPORTS` at import time; the functions that use them import them
-(`benchmarks/bench_cli_start.py`: `dmm --help` in 3.0 s instead of 5.2 s on this project's 2-core machine).
+(`benchmarks/bench_cli_start.py`: `dmm --help` in about 3 s instead of 5.5 s on this project's 2-core machine).
 """
 from __future__ import annotations
 

@@ -57,8 +57,19 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "linear datamodeling score of the margin of target x (as `lds`)"),
     ("`datamodels/done`", "⌈p / target_chunk⌉", "bool", "1",
      "target chunk c fitted (set after weight/bias/lam/lds)"),
+    ("`datamodels/target_ids`", "\\|T\\|", "int64", "\\|T\\|",
+     "only in a fit for a target subset (`dmm fit --targets random:T:SEED` or `ids:FILE`; group attr `targets` = "
+     "the spec): the point id of each β column, sorted. Every p above is then \\|T\\| (β n × \\|T\\| × k); a fit "
+     "of `all` has neither"),
+    ("`datamodels/size_effect`", "p × k", "float32", "p × k",
+     "n·γ'_{x,c}: the training set size's effect, written by `dmm calibrate --full-models K` (K > 0) with the "
+     "group attr `deletion_scale`, which names K; DM-Direct subtracts \\|F\\|·γ'"),
+    ("`datamodels/` (group attrs)", "—", "—", "—",
+     "kind, target_chunk, row_chunk, the fit's config; `deletion_scale` once `dmm calibrate` ran: scale_self, "
+     "scale_cross, models, alpha, targets, correlation, full_models (a refit drops it and `size_effect`: c = 1)"),
     ("`trak/*`", "as `datamodels/*`", "as `datamodels/*`", "as `datamodels/*`",
-     "the same matrices estimated by TRAK; attr config.calibration_blocks: the subset blocks it calibrates on"),
+     "the same matrices estimated by TRAK; attr config.calibration_blocks: the subset blocks it calibrates on; "
+     "its own `deletion_scale` and `size_effect`"),
     ("`trak/checkpoints/<name>`", "C × shape", "as the model", "C × shape",
      "state-dict entry `name` of the C checkpoints TRAK scores with (attrs count, names set after data)"),
     ("`original/logits`", "p × k", "float32", "p × k",

@@ -7,6 +7,7 @@ import hashlib
 import pickle
 import re
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from attribution.store import (
     StoreSpec,
     schema_table,
 )
+from attribution.fit_group import create_fit_group
+from attribution.target_subset import parse_targets
 from fixtures_store import tree_hashes
 
 N_TRAIN, N_POINTS, K, BS = 12, 17, 3, 4
@@ -360,17 +363,32 @@ def test_original_logits(mem_url):
 
 
 def test_schema_table_covers_every_array(mem_url):
+    """Every array a store can hold (a target-subset fit, a calibration's size effect included) is in the table,
+    and so is every attr of a calibrated fit group."""
     st = AttributionStore.open_or_create(mem_url, make_spec(), 4)
-    st.create_fit_group("datamodels", 8, 8)
+    fit = create_fit_group(st, "datamodels", 8, 8, targets=parse_targets("random:5:0", N_POINTS))
     st.create_fit_group("trak", 8, 8)
+    record = {"scale_self": 0.8, "scale_cross": 0.7, "models": 4, "alpha": 0.95, "targets": 5, "correlation": 0.5,
+              "full_models": 2}
+    fit.write_deletion_scale(record, np.zeros((5, K)))
     st.write_original_logits(np.zeros((N_POINTS, K), np.float32), "c" * 64)
     table = schema_table()
     assert table.startswith("| array | shape | dtype | chunks | meaning |")
     paths = [p for p, node in st.group.members(max_depth=None) if isinstance(node, zarr.Array)]
-    assert len(paths) == 16
+    assert len(paths) == 18
     for p in paths:
         assert f"`{p}`" in table or (p.startswith("trak/") and "`trak/*`" in table), p
         assert st.zarr_array(p).attrs["fingerprint"] == st.fingerprint
+    group_row = next(line for line in table.splitlines() if line.startswith("| `datamodels/` (group attrs)"))
+    for key in [*st.group["datamodels"].attrs, *record]:
+        if key not in ("fingerprint", "schema_version", "targets", "deletion_scale"):  # the footer; the rows
+            assert key in group_row, key
+
+
+def test_readme_shows_the_schema_table():
+    """The README's store table is `schema_table()` verbatim, so the two cannot drift apart."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert schema_table() in readme
 
 
 def test_spec_is_frozen():

@@ -5,8 +5,8 @@ uncompressed Zarr v3 array (one chunk per row, so a row is exactly one chunk fil
 least work possible), then times reading |F| random rows, best of --repeats, three ways:
 `Array.get_orthogonal_selection` (what `FitGroup.read_weight_rows` does), the same call on |F|
 contiguous rows, and `np.fromfile` on the |F| chunk files (checked equal). It shows how much of a
-DMM request on digits Zarr's reading costs before any other work (see README, "Why DMM is not under
-5 % of a retrain on digits").
+DMM request on digits Zarr's reading costs before any other work (README, "A request's cost, part by
+part": why requests read `weight_rows` as files).
 
 Run: python benchmarks/bench_beta_read.py [--forget 50] [--repeats 5]
 Prints a summary, then one JSON line last (ratio = Zarr scattered / raw).

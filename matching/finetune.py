@@ -19,7 +19,8 @@ settles at a noise floor; where h is close to θ0's outputs (mnist1d's TRAK targ
 that floor is above L_start and a constant-lr matching ends worse than it started. A per-epoch decay
 anneals, but ties the schedule to |F ∪ R| (a request of 40 points has one step an epoch: 0.97 per epoch
 left 0.2 % of the lr by step 200, and the loss stalled rather than converged). The anneal counts steps.
-README, "The matching's stopping rule and its defaults", has the sweeps behind the defaults.
+README, "The matching's stopping rule and its defaults", has the sweep behind the defaults;
+docs/matching_sweeps.md what else was tried.
 
 Cost. On a small model a step's cost is mostly fixed (mnist1d's CNN on one CPU thread: 0.7 ms for 8
 points, 1.4 ms for 64), so a request's wall time is its steps: Adam runs fused where torch has the

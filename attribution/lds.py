@@ -13,6 +13,9 @@ import torch
 from .errors import DmmError
 from .evaluation import margins
 
+DEFAULT_HOLDOUT = 100  # H: the subset models `dmm fit` and `dmm trak` hold out for the LDS unless told
+MIN_MODELS = 6         # the fewest a store can be fitted on: 3 held out, 3 to fit (2 to train, 1 to validate λ)
+
 
 def lds(pred: np.ndarray, real: np.ndarray) -> np.ndarray:
     """Spearman correlation over models (axis 0) of pred vs real, (H, ...) → (...).
@@ -56,6 +59,12 @@ def measure(masks: np.ndarray, weight: np.ndarray, bias: np.ndarray, logits: np.
     pred_margin = margins(torch.from_numpy(pred), labels).numpy()
     real_margin = margins(torch.from_numpy(real), labels).numpy()
     return lds(pred, real), lds(pred_margin, real_margin)
+
+
+def default_holdout(num_models: int) -> int:
+    """H where no one chose it (`dmm demo`, `dmm evaluate` building a store): `DEFAULT_HOLDOUT`, or a fifth of a
+    store of fewer than 2·`DEFAULT_HOLDOUT` models (at least 3), so that most of a small store fits the datamodels."""
+    return DEFAULT_HOLDOUT if num_models >= 2 * DEFAULT_HOLDOUT else max(3, num_models // 5)
 
 
 def holdout_split(num_models: int, holdout: int) -> tuple[slice, slice]:

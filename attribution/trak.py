@@ -90,7 +90,7 @@ class TrakSettings:
 
     checkpoints: int = 4
     proj_dim: int | None = None  # None: default_proj_dim(n_train)
-    holdout_models: int = 100  # as `dmm fit`: both are measured on the same first H subset models
+    holdout_models: int = lds_mod.DEFAULT_HOLDOUT  # as `dmm fit`: both measured on the same first H subset models
     target_chunk: int = 256
     row_chunk: int = 256
     projector_seed: int = 0

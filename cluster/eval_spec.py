@@ -9,7 +9,8 @@ seed: 0                    # originals use seeds seed..seed+N−1; the oracle se
 models: 100                # N: originals, and oracles per forget set (twice: oracles and the floor)
 attribution:               # where DM-Direct's β comes from
   store: demo_out/store.zarr   # reuse this store (the product's point); built there if absent
-  num_models: 2048             # build (or grow) the store to m subset models; omit to only reuse
+  num_models: 2048             # build (or grow) the store to m >= 6 subset models; omit to only reuse
+                               # (below 200 models a fifth, not 100, is held out for the LDS)
   alpha: 0.5
   block_size: 64
   source: datamodels           # datamodels | trak
@@ -41,6 +42,7 @@ import yaml
 
 from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS
 from attribution.errors import DmmError
+from attribution.lds import MIN_MODELS
 from matching.forget_sets import parse_forget_set
 
 from .eval_methods import EVAL_METHODS, base_method, method_config
@@ -87,8 +89,11 @@ class AttributionSource:
     def __post_init__(self):
         if self.store is None and self.num_models is None:
             raise SpecError("`attribution` needs `store` (a store to reuse) or `num_models` (m to build one)")
-        if self.num_models is not None and self.num_models < 1:
-            raise SpecError(f"`attribution.num_models` is {self.num_models}; give m >= 1")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise SpecError(f"`attribution.block_size` is {self.block_size!r}; give a positive int (64 by default)")
+        if self.num_models is not None and -(-self.num_models // self.block_size) * self.block_size < MIN_MODELS:
+            raise SpecError(f"`attribution.num_models` is {self.num_models} (in blocks of {self.block_size}); give "
+                            f"m >= {MIN_MODELS}: the fit holds out 3 models for the LDS and needs 3 to fit on")
         if not 0 < self.alpha < 1:
             raise SpecError(f"`attribution.alpha` is {self.alpha}; give 0 < α < 1 (0.5 by default)")
         if (self.calibration_models < 0 or self.calibration_models == 1 or not 0 < self.calibration_alpha < 1

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from attribution.datasets import Dataset, check_fingerprint, load_dataset
 from attribution.engine import train_batched, train_model
 from attribution.evaluation import margins
-from attribution.fit_group import DELETION_SCALE
+from attribution.fit_group import DELETION_SCALE, fit_group_attrs, recorded_settings
+from attribution.lds import default_holdout
 from attribution.recipes import Recipe
 from attribution.store import AttributionStore
 from matching.direct import fitted_group
@@ -83,7 +84,10 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
         run_estimate(request, url, config["num_models"], progress=False)
         if source == "trak":
             from attribution.trak import TrakSettings, run_trak
-            run_trak(AttributionStore.open(url, "r+"), TrakSettings())
+            store = AttributionStore.open(url, "r+")
+            kept = fit_group_attrs(store, "trak")  # resumed with its own H; a new group's suits the store's size
+            holdout = recorded_settings(kept)["holdout_models"] if kept else default_holdout(store.completed_models())
+            run_trak(store, TrakSettings(holdout_models=holdout))
         else:
             fit_store(url, resume_config(url))
     fitted_group(AttributionStore.open(url, "r"), source, every_target=True)  # one-line error: incomplete, or a subset

@@ -40,7 +40,8 @@ from attribution.errors import DmmError
 from attribution.fit_memory import check_task_memory
 from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH
 from attribution.lasso_stats import build_design
-from attribution.lds import format_report as format_lds_report, holdout_split, report as lds_report
+from attribution.lds import DEFAULT_HOLDOUT, default_holdout, format_report as format_lds_report, holdout_split, \
+    report as lds_report
 from attribution.fit_group import (create_fit_group, fit_group_attrs, recorded_settings, refuse_other_settings,
                                   write_row_copy)
 from attribution.store import AttributionStore
@@ -57,7 +58,7 @@ FIT_TOL = 1e-3
 
 @dataclass(frozen=True)
 class FitConfig:
-    holdout_models: int = 100
+    holdout_models: int = DEFAULT_HOLDOUT
     path_length: int = DEFAULT_PATH_LENGTH
     tol: float = FIT_TOL
     max_iter: int = DEFAULT_MAX_ITER
@@ -82,10 +83,12 @@ class FitConfig:
 def resume_config(store_url: str, prefix: str = "datamodels") -> FitConfig:
     """The defaults, but the settings a store's existing `prefix` group was started with where it has one: how the
     demo and the evaluation fit, so that they finish or reuse a group fitted under other settings (an earlier
-    default tolerance, a `dmm fit --path-length`) instead of refusing it. Explicit `dmm fit` flags are still checked."""
-    attrs = fit_group_attrs(AttributionStore.open(store_url), prefix)
+    default tolerance, a `dmm fit --path-length`) instead of refusing it. Explicit `dmm fit` flags are still checked.
+    A new group holds out `default_holdout` of the store's models (a small store's demo or evaluation fits too)."""
+    store = AttributionStore.open(store_url)
+    attrs = fit_group_attrs(store, prefix)
     if attrs is None:
-        return FitConfig()
+        return FitConfig(holdout_models=default_holdout(store.completed_models()))
     kept = recorded_settings(attrs)
     return FitConfig(targets_per_chunk=kept["target_chunk"], rows_per_chunk=kept["row_chunk"],
                      **{k: kept[k] for k in FitConfig().as_attrs() if k in kept})

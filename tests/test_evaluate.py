@@ -209,6 +209,8 @@ def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):
     ({"methods": {"nothing": {"lr": 1.0}}}, MethodConfigError, "takes no hyperparameters"),
     ({"metrics": {"klom_direction": "sideways"}}, SpecError, "use one of oracle||unlearned, unlearned||oracle"),
     ({"attribution": {"alpha": 0.5}}, SpecError, "needs `store`"),
+    ({"attribution": {"num_models": 4, "block_size": 4}}, SpecError, "is 4 .in blocks of 4.; give m >= 6: the fit"),
+    ({"attribution": {"num_models": 64, "block_size": 0}}, SpecError, "block_size` is 0; give a positive int"),
     ({"attribution": {"store": "s.zarr", "calibration_models": 1}}, SpecError, "full_models` 16: give M = 0"),
     ({"attribution": {"store": "s.zarr", "calibration_full_models": -1}}, SpecError, "and K >= 0"),
 ])

@@ -171,8 +171,12 @@ def test_resume_fits_only_unmarked_chunks(base, fitted, tmp_path):
 
 def test_the_demo_and_the_evaluation_finish_a_group_with_the_settings_it_was_started_with(base, fitted, tmp_path):
     """`resume_config`: a group started under settings other than the defaults (CONFIG here, as a store fitted under
-    an earlier default tolerance) is finished with its own, where the defaults are refused; no group, the defaults."""
+    an earlier default tolerance) is finished with its own, where the defaults are refused; no group, the defaults,
+    with a small store's held-out share (NUM_MODELS = 200 keeps 100; a fifth below that)."""
     assert resume_config(base.url) == FitConfig()
+    small = copy_of(base, tmp_path / "small.zarr")
+    AttributionStore.open(small, "r+").zarr_array("subsets/done")[1:] = False  # one block of BLOCK_SIZE models left
+    assert resume_config(small) == FitConfig(holdout_models=BLOCK_SIZE // 5)
     url = str(tmp_path / "s.zarr")
     shutil.copytree(fitted[0], url)
     before = read_fit(url)

@@ -6,7 +6,9 @@ import pytest
 import scipy.stats
 
 from attribution.errors import DmmError
-from attribution.lds import format_report, format_summary, holdout_split, lds, measure, predict, report, summarize
+from attribution.datamodels import validation_split
+from attribution.lds import (DEFAULT_HOLDOUT, MIN_MODELS, default_holdout, format_report, format_summary, holdout_split,
+                            lds, measure, predict, report, summarize)
 from fixtures_store import np_margin
 
 
@@ -120,3 +122,16 @@ def test_holdout_split_holds_out_the_first_models():
     for bad in (2, 9):
         with pytest.raises(DmmError, match="--holdout-models"):
             holdout_split(10, bad)
+
+
+def test_the_default_holdout_keeps_100_and_lets_a_small_store_be_fitted():
+    """`dmm demo --num-models 64` and `dmm evaluate` building a small store used to stop after the estimate: 100
+    held-out models of 64. Every store of at least MIN_MODELS now splits, and keeps most of its models to fit."""
+    assert [default_holdout(m) for m in (2048, 200, 199, 64, 15, 6)] == [100, 100, 39, 12, 3, 3]
+    for m in range(MIN_MODELS, 1000):
+        fit_rows, held_out = holdout_split(m, default_holdout(m))
+        train, val = validation_split(fit_rows.stop - fit_rows.start)
+        assert held_out.stop == default_holdout(m) <= DEFAULT_HOLDOUT and train.stop >= 2 and val.stop > val.start
+        assert fit_rows.stop - fit_rows.start >= default_holdout(m)  # fits on at least as many as it holds out
+    with pytest.raises(DmmError, match="only 2 fitting models"):
+        validation_split(MIN_MODELS - 1 - default_holdout(MIN_MODELS - 1))

@@ -2,7 +2,8 @@
 
 Every column j of C is one target: min_w ½wᵀGw − c_jᵀw + λ_j‖w‖₁ (+ ½yy_j), with G = X_cᵀX_c/m the
 centred Gram of the shared design and c_j = X_cᵀy_c/m.  One iteration for *all* targets is a single
-G @ W GEMM (n²t flops, BLAS-3), on whatever device G lives (CPU, or a CUDA GPU).
+G @ W GEMM (n²t flops, BLAS-3; with fewer models than half the points two, Fᵀ(F @ W) with G = FᵀF: 2mnt
+flops, `lasso_stats.Gram`), on whatever device G lives (CPU, or a CUDA GPU).
 
 * per target its own step 1/L_j, adapted every iteration (shrunk towards the observed curvature
   dᵀGd/‖d‖², doubled when the sufficient-decrease test fails; a failing step is rejected rather than
@@ -35,7 +36,7 @@ def soft_threshold(U: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
 def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
     """Solve min_w ½wᵀGw − cᵀw + λ‖w‖₁ (+ ½yy) for every column.
 
-    G (n,n), C (n,t), yy (t,) float64, lam (t,) float64, W0 (n,t) or None,
+    G a `lasso_stats.Gram` (n × n), C (n,t), yy (t,) float64, lam (t,) float64, W0 (n,t) or None,
     L_init (t,) float64 or None: per-target step guesses (e.g. from the
     previous λ on the path).  Returns W (n,t) in G.dtype, the final duality
     gap (t,) float64, iterations (t,) and the final L (t,).
@@ -74,7 +75,7 @@ def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
         gW = torch.addcmul(-c, GD, a.to(dtype))
     else:
         W = W_out.clone()
-        gW = torch.addmm(c, G, W, beta=-1)
+        gW = G.grad(W, c)
     Z, gZ = W, gW
     theta = torch.ones(t, dtype=torch.float64, device=dev)
     P_prev = torch.full((t,), float("inf"), dtype=torch.float64, device=dev)
@@ -89,7 +90,7 @@ def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
         Wn = torch.addcmul(Z, gZ, -inv)  # gradient step, then soft-threshold in place
         thr = lamd * inv
         Wn.sub_(torch.clamp(Wn, min=-thr, max=thr))
-        gWn = torch.addmm(c, G, Wn, beta=-1)
+        gWn = G.grad(Wn, c)
         D = Wn - Z
         dGd = torch.linalg.vecdot(D, gWn - gZ, dim=0).double()
         dd = torch.linalg.vecdot(D, D, dim=0).double()

@@ -2,7 +2,8 @@
 
 A task fits t = T·k regressions of one target chunk on m_train + m_val fitting models (n training points):
 
-    shared = 2·n²·s                      the design: G of the train rows and of train + val (`lasso_stats`)
+    shared = 2·n²·s                      the design: G of the train rows and of train + val (`lasso_stats`;
+                                         with fewer rows than n/2 their factor instead, rows·n·s each)
            + m·n                         the bool masks (m = m_train + m_val; the H held-out rows add H·n)
     chunk  = max(16·m·t, (16·s + 16)·n·t) + m_val·n·s + ROW_BLOCK·n·8 + 4·m·t
              (about 16 (n, t) matrices in s and two in float64 — β, the FISTA iterates and gradients, the
@@ -25,7 +26,7 @@ peak RSS reached 1.9× the measured live bytes.
 from __future__ import annotations
 
 from .errors import DmmError
-from .lasso_stats import ROW_BLOCK
+from .lasso_stats import ROW_BLOCK, factored
 
 GB = 1e9
 
@@ -34,9 +35,10 @@ class FitMemoryError(DmmError):
     """A fit task that cannot fit in the memory the user allows; the message names the fix."""
 
 
-def shared_bytes(n: int, m: int, s: int = 4) -> int:
-    """The design (two n × n Grams) and the bool masks of m models."""
-    return 2 * n * n * s + m * n
+def shared_bytes(n: int, m_train: int, m_val: int, s: int = 4) -> int:
+    """The design (two n × n Grams, or their factors) and the bool masks of the m_train + m_val fitting models."""
+    m = m_train + m_val
+    return sum((rows if factored(rows, n) else n) * n * s for rows in (m_train, m)) + m * n
 
 
 def chunk_bytes(n: int, t: int, m_train: int, m_val: int, s: int = 4) -> int:
@@ -46,7 +48,7 @@ def chunk_bytes(n: int, t: int, m_train: int, m_val: int, s: int = 4) -> int:
 
 
 def task_bytes(n: int, t: int, m_train: int, m_val: int, s: int = 4) -> int:
-    return shared_bytes(n, m_train + m_val, s) + chunk_bytes(n, t, m_train, m_val, s)
+    return shared_bytes(n, m_train, m_val, s) + chunk_bytes(n, t, m_train, m_val, s)
 
 
 def check_task_memory(limit_gb: float | None, *, n: int, points: int, k: int, m_train: int, m_val: int) -> int:
@@ -63,8 +65,8 @@ def check_task_memory(limit_gb: float | None, *, n: int, points: int, k: int, m_
     if fits:
         fix = f"pass --targets-per-chunk {fits} or less, or raise --max-task-memory"
     else:
-        fix = (f"the shared design and masks alone need {_gb(shared_bytes(n, m_train + m_val))} (2·n²·4 + m·n "
-               f"bytes, n = {n}); run the fit where more memory is free and raise --max-task-memory")
+        fix = (f"the shared design and masks alone need {_gb(shared_bytes(n, m_train, m_val))} (n = {n} "
+               f"points, {m_train + m_val} fitting models); run the fit where more memory is free and raise --max-task-memory")
     raise FitMemoryError(f"a fit task of {points} targets needs {_gb(need)}, over --max-task-memory "
                          f"{limit_gb:g} GB; fix: {fix}")
 

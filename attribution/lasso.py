@@ -17,10 +17,11 @@ Algorithm (why it looks like this)
   exactly scikit-learn's ``Lasso(alpha=λ, fit_intercept=True)`` objective.
   No scaling of the columns is done, so the weights apply to raw 0/1 masks.
 * All targets share X, so everything runs on sufficient statistics
-  (``lasso_stats``): the *design* G = X_cᵀX_c/m (n × n), x̄ and ‖G‖₂, built once
-  per store snapshot and passed to every chunk (``design=``; built here when
-  absent), and per chunk C = X_cᵀY_c/m (n × t, float64) and ‖y_c‖²/m.  One
-  iteration for all targets is then a single G @ W GEMM (``fista``).
+  (``lasso_stats``): the *design* G = X_cᵀX_c/m (n × n; its m × n factor when
+  2m < n), x̄ and ‖G‖₂, built once per store snapshot and passed to every chunk
+  (``design=``; built here when absent), and per chunk C = X_cᵀY_c/m (n × t,
+  float64) and ‖y_c‖²/m.  One iteration for all targets is then a single G @ W
+  GEMM, or two through the factor (``fista``).
 * λ path: per target λ_max = ‖X_cᵀy_c‖∞/m (the smallest λ with β = 0), then a
   geometric grid down to λ_max·min_ratio (defaults: 20 points, min_ratio 1e-2
   as the ``eps`` ratio of fast_l1), solved in order with warm starts
@@ -36,7 +37,7 @@ Algorithm (why it looks like this)
 Everything runs in ``dtype`` (float32 by default) on ``device`` (the CPU, or a
 CUDA GPU: the same code); per-target scalars of the objective/gap are combined
 in float64.  Returned arrays are float32 numpy.  Memory of one call: the design
-(2·n²·s bytes, shared) plus ``fit_memory.chunk_bytes``.
+(``fit_memory.shared_bytes``) plus ``fit_memory.chunk_bytes``.
 """
 
 from __future__ import annotations

@@ -5,14 +5,17 @@ Every target of a store is regressed on the same 0/1 masks X (m × n), so what d
 
     colsum = Σ_i x_i,   x̄ = colsum / m,   G = X_cᵀX_c / m = XᵀX / m − x̄x̄ᵀ,   L ≈ largest eigenvalue of G,
 
-for the train rows (the λ path) and for train + validation rows (the refit at the chosen λ).  λ_max of a
+for the train rows (the λ path) and for train + validation rows (the refit at the chosen λ).  With fewer
+models than half the points (2m < n: small stores, quick runs) G is kept as its factor F = X_c/√m (m × n,
+G = FᵀF) instead: the solver's product G·W is then Fᵀ(F·W), 2·m·n·t flops instead of n²·t, and the design
+holds m·n numbers instead of n² (:class:`Gram`).  λ_max of a
 target, ‖X_cᵀy_c‖∞ / m, needs y: its only design input is x̄, which drops out (Σ_i y_c,i = 0).
 A target chunk adds its own statistics (:func:`target_stats`): ȳ, C = X_cᵀY_c / m and ‖y_c‖² / m.
 
 XᵀX of 0/1 masks is summed in the compute dtype over row blocks: its entries are counts ≤ m, exact in
 float32 below 2²⁴ in any order, so the blocked sum is bitwise the single GEMM.  X_cᵀY_c is summed in
 float64 over the same row blocks (one GEMM while m ≤ ROW_BLOCK), so no task holds X in float64.
-Memory of a design: 2 n² s bytes (s = 4 in float32) — 20 GB at CIFAR-10's n = 50,000 — plus, while it
+Memory of a design: 2 n² s bytes (s = 4 in float32; m·n·s for a factored one) — 20 GB at CIFAR-10's n = 50,000 — plus, while it
 is built, one row block and one column block.  Its arrays are numpy on the CPU: Ray's object store holds
 one copy a node shares with every task (zero-copy), and each task moves them to its own device.
 """
@@ -71,9 +74,9 @@ def _on(a: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(a).to(device)
 
 
-def top_eig(G: torch.Tensor, iters: int = 40) -> float:
+def top_eig(G: Gram, iters: int = 40) -> float:
     """Largest eigenvalue of the PSD matrix G by block power iteration (5 % above; seeded start on the CPU)."""
-    n = G.shape[0]
+    n = G.n
     if n == 0:
         return 0.0
     gen = torch.Generator().manual_seed(0)
@@ -85,18 +88,45 @@ def top_eig(G: torch.Tensor, iters: int = 40) -> float:
     return max(lam, 0.0) * 1.05 + 1e-12
 
 
+def factored(m: int, n: int) -> bool:
+    """Whether the design of m models over n points keeps F = X_c/√m (m × n) rather than G (n × n): when 2m < n,
+    where Fᵀ(F·W) costs fewer flops than G·W."""
+    return 2 * m < n
+
+
+class Gram:
+    """G = X_cᵀX_c/m as the solver uses it, on one device: from the n × n matrix, or from F = X_c/√m (G = FᵀF)."""
+
+    def __init__(self, matrix: torch.Tensor, is_factor: bool):
+        self.matrix, self.is_factor = matrix, is_factor
+        self.n = matrix.shape[1]
+        self.dtype, self.device = matrix.dtype, matrix.device
+
+    def __matmul__(self, W: torch.Tensor) -> torch.Tensor:
+        return self.matrix.T @ (self.matrix @ W) if self.is_factor else self.matrix @ W
+
+    def grad(self, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """G·W − C (the gradient of ½wᵀGw − cᵀw, every column) in one GEMM, two where factored."""
+        if self.is_factor:
+            return torch.addmm(C, self.matrix.T, self.matrix @ W, beta=-1)
+        return torch.addmm(C, self.matrix, W, beta=-1)
+
+
 @dataclass(frozen=True)
 class Moments:
-    """The design of m models: Σ_i x_i (float64), G = X_cᵀX_c/m (compute dtype) and L ≥ ‖G‖₂."""
+    """The design of m models: Σ_i x_i (float64), G = X_cᵀX_c/m (compute dtype) and L ≥ ‖G‖₂. G is held as the
+    n × n matrix `G`, or where `factored(m, n)` as its factor `F` = X_c/√m (m × n), `G` then None."""
 
     m: int
     colsum: np.ndarray
-    G: np.ndarray
+    G: np.ndarray | None
     L: float
+    F: np.ndarray | None = None
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, x̄) as tensors on `device` (zero-copy on the CPU)."""
-        return _on(self.G, device), _on(self.colsum / self.m, device)
+    def on(self, device: torch.device) -> tuple[Gram, torch.Tensor]:
+        """(G, x̄) on `device` (zero-copy on the CPU)."""
+        gram = Gram(_on(self.G, device), False) if self.F is None else Gram(_on(self.F, device), True)
+        return gram, _on(self.colsum / self.m, device)
 
 
 def _centre(xtx: torch.Tensor, colsum: np.ndarray, m: int, out: torch.Tensor) -> Moments:
@@ -105,7 +135,14 @@ def _centre(xtx: torch.Tensor, colsum: np.ndarray, m: int, out: torch.Tensor) ->
     for j in range(0, xtx.shape[1], COL_BLOCK):
         cols = slice(j, j + COL_BLOCK)
         out[:, cols] = (xtx[:, cols].double() / m - torch.outer(xbar, xbar[cols])).to(out.dtype)
-    return Moments(m, colsum, out.cpu().numpy(), top_eig(out))
+    return Moments(m, colsum, out.cpu().numpy(), top_eig(Gram(out, False)))
+
+
+def _factor(X: np.ndarray, dtype: torch.dtype, device: torch.device) -> Moments:
+    """F = X_c/√m of the masks X (m × n), centred in float64 and rounded to `dtype`: the design where 2m < n."""
+    m, cs = X.shape[0], colsum(X)
+    F = ((as_tensor(X, torch.float64, device) - torch.from_numpy(cs / m).to(device)) / np.sqrt(m)).to(dtype)
+    return Moments(m, cs, None, top_eig(Gram(F, True)), F.cpu().numpy())
 
 
 @dataclass(frozen=True)
@@ -122,7 +159,7 @@ class Design:
         tr, full = self.train, self.full
         if X_val is not None and full is None:
             raise ValueError("the shared design has no validation rows; build it with build_design(X_train, X_val)")
-        n = tr.G.shape[0]
+        n = tr.colsum.size
         same = X_train.shape == (tr.m, n) and np.array_equal(colsum(X_train), tr.colsum)
         if same and X_val is not None:
             same = X_val.shape == (full.m - tr.m, n) and np.array_equal(tr.colsum + colsum(X_val), full.colsum)
@@ -135,17 +172,31 @@ class Design:
 
 def build_design(X_train: np.ndarray, X_val: np.ndarray | None = None, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> Design:
-    """The design-only statistics of eq. (1), computed on `device`: one pass of XᵀX over the masks' rows."""
+    """The design-only statistics of eq. (1), computed on `device`: one pass of XᵀX over the masks' rows, or
+    the centred masks themselves where `factored` (each of the two moments decides by its own m)."""
     device = torch.device(device)
-    n = X_train.shape[1]
+    m_train, n = X_train.shape
+    m_full = m_train + (0 if X_val is None else X_val.shape[0])
+    cs = colsum(X_train)
+    xtx = None if factored(m_full, n) else torch.zeros(n, n, dtype=dtype, device=device)
+    if xtx is not None:
+        gram_pass(xtx, X_train)
+    train = _factor(X_train, dtype, device) if factored(m_train, n) else _centre(xtx, cs, m_train, torch.empty_like(xtx))
+    full = None
+    if X_val is not None and xtx is None:
+        full = _factor(np.concatenate([X_train, X_val]), dtype, device)
+    elif X_val is not None:
+        gram_pass(xtx, X_val)
+        full = _centre(xtx, cs + colsum(X_val), m_full, xtx)
+    return Design(train, full, dtype)
     xtx = torch.zeros(n, n, dtype=dtype, device=device)
     gram_pass(xtx, X_train)
     cs = colsum(X_train)
-    train = _centre(xtx, cs, X_train.shape[0], torch.empty_like(xtx))
+    train = _factor(X_train, dtype, device) if factored(m_train, n) else _centre(xtx, cs, m_train, torch.empty_like(xtx))
     full = None
     if X_val is not None:
         gram_pass(xtx, X_val)
-        full = _centre(xtx, cs + colsum(X_val), X_train.shape[0] + X_val.shape[0], xtx)
+        full = _centre(xtx, cs + colsum(X_val), m_full, xtx)
     return Design(train, full, dtype)
 
 

@@ -328,9 +328,16 @@ def test_task_memory_at_cifar10_scale_is_the_stated_number():
     the shared Gram pair 2·50,000²·4 B = 20 GB, the masks 2.5 GB; the chunk 80·50,000·2,560 = 10.24 GB, plus X_val
     4,990·50,000·4 B, a row block 1,024·50,000·8 B and the logits 4·49,900·2,560 B (fit_memory's docstring)."""
     n, t, m_train, m_val = 50_000, 2_560, 44_910, 4_990
-    assert fit_memory.shared_bytes(n, m_train + m_val) == 20_000_000_000 + 2_495_000_000
+    assert fit_memory.shared_bytes(n, m_train, m_val) == 20_000_000_000 + 2_495_000_000
     assert fit_memory.chunk_bytes(n, t, m_train, m_val) == 10_240_000_000 + 998_000_000 + 409_600_000 + 510_976_000
     assert round(fit_memory.task_bytes(n, t, m_train, m_val) / 1e9, 1) == 34.7
+
+
+def test_a_design_of_fewer_rows_than_half_the_points_is_counted_as_its_factor():
+    """n = 1,000: 100 train + 20 val rows keep both factors, (100 + 120)·1,000·4 B, and the 120,000 B of masks;
+    450 + 100 rows keep the train rows' factor (900 < 1,000) but the full G, 450·1,000·4 + 1,000²·4 + 550,000 B."""
+    assert fit_memory.shared_bytes(1_000, 100, 20) == 880_000 + 120_000
+    assert fit_memory.shared_bytes(1_000, 450, 100) == 1_800_000 + 4_000_000 + 550_000
 
 
 def test_the_progress_bar_times_chunks_from_the_start_not_from_the_last_redraw(monkeypatch):

@@ -178,6 +178,46 @@ def test_shared_design_is_the_centred_gram_of_each_split():
         assert 1.04 * top < mo.L <= 1.05 * top + 1e-9
 
 
+def test_a_design_of_fewer_models_than_half_the_points_keeps_the_factor():
+    """With 2m < n each moment keeps F = X_c/√m (m × n) instead of G: FᵀF is the centred Gram (numpy float64
+    reference), and G·W − C through it is the dense product's. 30 + 10 rows of 100 points: both factored;
+    45 + 15: the train rows' factor (90 < 100) and the full G (120 ≥ 100)."""
+    X, _ = _problem(m=60, n=100, seed=10)
+    for m_train, m_val, full_factored in ((30, 10, True), (45, 15, False)):
+        d = build_design(X[:m_train], X[m_train:m_train + m_val])
+        assert d.train.G is None and d.train.F.shape == (m_train, 100) and d.train.F.dtype == np.float32
+        assert (d.full.F is not None) == full_factored and (d.full.G is None) == full_factored
+        for mo, Xs in ((d.train, X[:m_train]), (d.full, X[:m_train + m_val])):
+            Xc = Xs - Xs.mean(0)
+            G = Xc.T @ Xc / len(Xs)
+            gram, _ = mo.on(torch.device("cpu"))
+            W, C = torch.randn(100, 3, dtype=torch.float32), torch.randn(100, 3, dtype=torch.float32)
+            np.testing.assert_allclose(gram.grad(W, C).numpy(), G @ W.numpy() - C.numpy(), rtol=0, atol=2e-5)
+            if mo.F is not None:
+                np.testing.assert_allclose(mo.F.astype(np.float64).T @ mo.F, G, rtol=0, atol=2e-7)
+            top = np.linalg.eigvalsh(G)[-1]
+            assert 1.04 * top < mo.L <= 1.05 * top * (1 + 1e-6)  # the power iteration in float32
+
+
+def test_the_factored_design_fits_what_the_dense_one_does(monkeypatch):
+    """Fewer models than points (30 train + 10 val of 100): the objective is sklearn's at every λ, and the whole
+    fit — path, chosen λ, refit — is the dense Gram's (forced) to the solver's tolerance."""
+    X, Y = _problem(m=40, n=100, t=5, seed=11, noise=0.5)
+    lam = _lmax(X, Y) * np.array([0.5, 0.2, 0.1, 0.05, 0.02])
+    W, b = solve_lasso(X, Y, lam, dtype=torch.float64, tol=1e-12, max_iter=100_000)
+    ref = [lasso_objective(X, Y[:, [j]], (e := _sk(X, Y[:, j], lam[j])).coef_[:, None], [e.intercept_], lam[[j]])[0]
+           for j in range(Y.shape[1])]
+    np.testing.assert_allclose(lasso_objective(X, Y, W, b, lam), ref, rtol=1e-8)
+    kwargs = dict(path_length=8, dtype=torch.float64, tol=1e-12, max_iter=100_000)
+    factored_fit = fit_datamodels(X[:30], Y[:30], X[30:], Y[30:], **kwargs)
+    monkeypatch.setattr(lasso_stats, "factored", lambda m, n: False)
+    assert build_design(X[:30], X[30:]).train.F is None
+    dense_fit = fit_datamodels(X[:30], Y[:30], X[30:], Y[30:], **kwargs)
+    np.testing.assert_array_equal(factored_fit.lam, dense_fit.lam)
+    for f in FIT_FIELDS:
+        np.testing.assert_allclose(getattr(factored_fit, f), getattr(dense_fit, f), rtol=1e-5, atol=1e-6, err_msg=f)
+
+
 def test_row_blocks_change_no_bit_of_the_gram_and_the_fit(monkeypatch):
     """XᵀX of 0/1 masks is exact in float32 in any order, so 7-row blocks give the single GEMM's bytes; X_cᵀY_c
     is summed in float64 per block, so the fit may move by float rounding (measured: not at all here)."""

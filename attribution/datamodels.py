@@ -24,6 +24,7 @@ class ChunkFit:
     lam: np.ndarray         # chosen λ (t, k)
     lds: np.ndarray         # per (x, c) on held-out models (t, k)
     lds_margin: np.ndarray  # margin LDS (t,)
+    at_max_iter: int        # regressions whose refit stopped at max_iter before the duality gap reached tol
 
 
 def validation_split(num_models: int, val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[slice, slice]:
@@ -41,7 +42,7 @@ def fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels, *,
 
     masks_fit (m, n) bool and logits_fit (m, t, k): fitting models; masks_lds (H, n), logits_lds (H, t, k):
     held-out models for the LDS; labels (t,): the targets' classes (for the margin LDS).
-    `solver` passes tol / max_iter / min_ratio / patience / design / device on to `lasso.fit_datamodels`
+    `solver` passes tol / max_iter / min_ratio / patience / design / device / warn on to `lasso.fit_datamodels`
     (masks stay bool: the solver widens them a row block at a time).
     """
     masks_fit = np.asarray(masks_fit)
@@ -53,4 +54,4 @@ def fit_target_chunk(masks_fit, logits_fit, masks_lds, logits_lds, labels, *,
     weight = fit.weight.reshape(-1, t, k)
     bias = fit.bias.reshape(t, k)
     lds, lds_margin = measure(masks_lds, weight, bias, logits_lds, labels)
-    return ChunkFit(weight, bias, fit.lam.reshape(t, k), lds, lds_margin)
+    return ChunkFit(weight, bias, fit.lam.reshape(t, k), lds, lds_margin, int(fit.at_max_iter.sum()))

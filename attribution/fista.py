@@ -16,14 +16,12 @@ flops, `lasso_stats.Gram`), on whatever device G lives (CPU, or a CUDA GPU).
 * the duality gap as stopping rule (dual point θ = s·r/m, s = min(1, λ/‖X_cᵀr/m‖∞)), evaluated every
   iteration without extra GEMM: a target stops when gap ≤ tol·P (P = primal objective, so tol bounds the
   relative suboptimality), or at the arithmetic floor of the dtype (≈ 30·eps·‖y_c‖²/m; only reached for
-  nearly noiseless targets — use float64);
+  nearly noiseless targets — use float64), or at max_iter (flagged in the result; the caller says so);
 * finished targets leave the batch (columns compacted once ≥ 1/8 of the batch has finished), so the
   GEMM shrinks as targets converge.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -39,7 +37,8 @@ def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
     G a `lasso_stats.Gram` (n × n), C (n,t), yy (t,) float64, lam (t,) float64, W0 (n,t) or None,
     L_init (t,) float64 or None: per-target step guesses (e.g. from the
     previous λ on the path).  Returns W (n,t) in G.dtype, the final duality
-    gap (t,) float64, iterations (t,) and the final L (t,).
+    gap (t,) float64, iterations (t,), the final L (t,) and which targets
+    stopped at max_iter before their gap reached tol (t,) bool.
     """
     n, t = C.shape
     dtype, dev = G.dtype, G.device
@@ -48,10 +47,11 @@ def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
     gap_out = torch.zeros(t, dtype=torch.float64, device=dev)
     it_out = torch.zeros(t, dtype=torch.long, device=dev)
     L_out = torch.full((t,), 0.5 * L_max, dtype=torch.float64, device=dev)
+    stopped = torch.zeros(t, dtype=torch.bool, device=dev)
     if L_init is not None:
         L_out = L_init.clone().to(torch.float64).clamp(1e-3 * L_max, L_max)
     if t == 0 or n == 0 or max_iter < 1:
-        return W_out, gap_out, it_out, L_out
+        return W_out, gap_out, it_out, L_out, stopped
 
     idx = torch.arange(t, device=dev)
     c = C
@@ -138,14 +138,7 @@ def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
         n_fin = int(fin.sum())
         if (n_fin and (n_fin * 8 >= fin.numel() or n_fin == fin.numel())) or it == max_iter:
             if it == max_iter:
-                n_left = int((~fin).sum())
-                if n_left:
-                    warnings.warn(
-                        f"lasso: {n_left} target(s) hit max_iter={max_iter} before the duality gap "
-                        f"reached tol={tol:g}; raise max_iter or loosen tol",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                stopped[idx[~fin]] = True
                 gap_fin[~fin] = gap[~fin]
                 it_fin[~fin] = it
                 fin[:] = True
@@ -162,4 +155,4 @@ def fista(G, C, yy, lam, W0, *, tol, max_iter, L_max, L_init=None):
             lam64, lamd, y2, L, theta, P_prev, fin, gap_fin, it_fin = (
                 a[keep] for a in (lam64, lamd, y2, L, theta, P_prev, fin, gap_fin, it_fin)
             )
-    return W_out, gap_out, it_out, L_out
+    return W_out, gap_out, it_out, L_out, stopped

@@ -42,6 +42,7 @@ in float64.  Returned arrays are float32 numpy.  Memory of one call: the design
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,16 +80,25 @@ class LassoFit:
     bias:   (t,) float32, β0; prediction for a mask x is x @ weight + bias.
     lam:    (t,) float32, chosen λ per target.
     val_mse:(t,) float32, validation MSE at the chosen λ (train-only fit).
+    at_max_iter: (t,) bool, the refit stopped at max_iter before its duality gap reached tol.
     """
 
     weight: np.ndarray
     bias: np.ndarray
     lam: np.ndarray
     val_mse: np.ndarray
+    at_max_iter: np.ndarray
 
 
 def _numpy(a: torch.Tensor) -> np.ndarray:
     return a.float().cpu().numpy()
+
+
+def warn_at_max_iter(count: int, max_iter: int, tol: float) -> None:
+    """The one warning of a solve whose `count` targets stopped at max_iter (none when 0)."""
+    if count:
+        warnings.warn(f"lasso: {count} target(s) hit max_iter={max_iter} before the duality gap reached "
+                      f"tol={tol:g}; raise max_iter or loosen tol", RuntimeWarning, stacklevel=3)
 
 
 def lambda_path(X, Y, path_length: int = DEFAULT_PATH_LENGTH, min_ratio: float = DEFAULT_MIN_RATIO) -> np.ndarray:
@@ -146,11 +156,12 @@ def solve_lasso(
     mo = build_design(X, dtype=dtype, device=cpu).train
     G, xbar = mo.on(cpu)
     st = target_stats(X, Y, dtype, cpu)
-    W, _, _, _ = fista(
+    W, _, _, _, stopped = fista(
         G, st.C, st.yy, torch.from_numpy(lam),
         None if init is None else torch.from_numpy(np.ascontiguousarray(init)).to(dtype),
         tol=tol, max_iter=max_iter, L_max=mo.L,
     )
+    warn_at_max_iter(int(stopped.sum()), max_iter, tol)
     return _numpy(W), _numpy(st.ybar - xbar @ W.double())
 
 
@@ -187,6 +198,7 @@ def fit_datamodels(
     dtype=torch.float32,
     design: Design | None = None,
     device: torch.device | str = "cpu",
+    warn: bool = True,
 ) -> LassoFit:
     """Datamodels for one chunk: λ path on train, λ chosen on val, refit on all.
 
@@ -199,7 +211,8 @@ def fit_datamodels(
     design: ``build_design(X_train, X_val, dtype=dtype)`` shared by every chunk of
     these masks (checked against them; built here when None: the same numbers).
     device: where the solver runs (``cpu`` or ``cuda[:N]``).
-    Returns a ``LassoFit`` (β = weight, β0 = bias, chosen λ, its val MSE).
+    warn: one RuntimeWarning when refits stop at max_iter (``dmm fit`` counts them over chunks instead).
+    Returns a ``LassoFit`` (β = weight, β0 = bias, chosen λ, its val MSE, the refits at max_iter).
     """
     check_opts(tol, max_iter, dtype)
     X_train, Y_train = check_xy(X_train, Y_train, "X_train", "Y_train")
@@ -248,7 +261,7 @@ def fit_datamodels(
             if k >= 2:
                 q = (lam_k / path[k - 1, sel].clamp_min(1e-300)).to(dtype)
                 init = torch.addcmul(Wc, q, Wc - cols(W_prev))
-            Wa, _, _, La = fista(
+            Wa, _, _, La, _ = fista(  # a path point stopped at max_iter only ranks λ: the refit counts
                 G, cols(st.C), st.yy[sel], lam_k, init,
                 tol=tol, max_iter=max_iter, L_max=design.train.L, L_init=L_carry[sel],
             )
@@ -275,12 +288,15 @@ def fit_datamodels(
     del W, W_prev, Wa, G
     sa = merged_targets(st, design.train.colsum, X_val, Y_val, dtype)
     G_all, xbar_all = design.full.on(device)
-    Wf, _, _, _ = fista(
+    Wf, _, _, _, stopped = fista(
         G_all, sa.C, sa.yy, best_lam, best_W, tol=tol, max_iter=max_iter, L_max=design.full.L, L_init=L_carry
     )
+    if warn:
+        warn_at_max_iter(int(stopped.sum()), max_iter, tol)
     return LassoFit(
         weight=_numpy(Wf),
         bias=_numpy(sa.ybar - xbar_all @ Wf.double()),
         lam=_numpy(best_lam),
         val_mse=_numpy(best_mse),
+        at_max_iter=stopped.cpu().numpy(),
     )

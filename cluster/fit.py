@@ -139,15 +139,16 @@ def _design(masks, fit_rows: slice, config: FitConfig):
 
 def _fit_and_write(store_url, prefix, chunk, masks, design, splits, logits_fit, logits_lds, labels, config):
     """A worker's task. `store_url` is the store's normalised URL (`store.url`): a worker may run in another cwd.
-    `splits` = (fitting rows, held-out rows) of `masks`."""
+    `splits` = (fitting rows, held-out rows) of `masks`. Returns (regressions, of them stopped at max_iter): the
+    driver says once how many stopped, where a warning per task would break the progress bar."""
     fit_rows, lds_rows = splits
     fit = fit_target_chunk(masks[fit_rows], logits_fit, masks[lds_rows], logits_lds, labels,
                            path_length=config.path_length, val_fraction=config.val_fraction,
                            tol=config.tol, max_iter=config.max_iter, design=design,
-                           device=resolve_device(config.device))
+                           device=resolve_device(config.device), warn=False)
     group = AttributionStore.open(store_url, "r+").fit_group(prefix)
     group.write_chunk(chunk, fit.weight, fit.bias, fit.lam, fit.lds, fit.lds_margin)
-    return chunk
+    return fit.lam.size, fit.at_max_iter
 
 
 def _target_logits(store_url, rows: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -224,7 +225,7 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
     watcher = threading.Thread(target=_watch, args=(group, group.num_chunks, stop), daemon=True)
     watcher.start()
     try:
-        dask.compute(*tasks, scheduler=get, **kwargs)
+        counts = dask.compute(*tasks, scheduler=get, **kwargs)
     finally:
         stop.set()
         watcher.join()
@@ -233,11 +234,17 @@ def fit_store(store_url: str, config: FitConfig = FitConfig(), address: str | No
         "models": len(masks), "fitting_models": fit_rows.stop - fit_rows.start,
         "holdout_models": config.holdout_models, "chunks_fitted": len(tasks),
         "targets": targets.spec, "fitted_targets": group.num_targets,
+        "regressions": sum(c[0] for c in counts), "at_max_iter": sum(c[1] for c in counts),
+        "max_iter": config.max_iter, "tol": config.tol,
         "lds": lds_report(group.lds[:], group.lds_margin[:], targets.train_count(store.spec.n_train)),
     }
 
 
 def format_report(report: dict) -> list[str]:
     subset = "" if report["targets"] == ALL else f" of {report['fitted_targets']} targets ({report['targets']})"
+    stopped = report["at_max_iter"]
+    cut_short = [f"{stopped:,} of its {report['regressions']:,} regressions stopped at --max-iter "
+                 f"{report['max_iter']} before the duality gap reached --tol {report['tol']:g} (their β is "
+                 f"less exact; raise --max-iter or loosen --tol)"] if stopped else []
     return [f"fitted {report['chunks_fitted']} target chunks{subset} on {report['fitting_models']} subset models; "
-            f"LDS on {report['holdout_models']} held-out models:", *format_lds_report(report["lds"])]
+            f"LDS on {report['holdout_models']} held-out models:", *format_lds_report(report["lds"]), *cut_short]

@@ -229,6 +229,30 @@ def test_every_chunk_shares_one_design_and_gets_the_bytes_of_a_design_of_its_own
             assert stored.tobytes() == getattr(own, name).astype(np.float32).tobytes(), name  # as stored
 
 
+def test_regressions_cut_short_are_counted_in_one_line_not_warned_per_chunk(base, tmp_path, capsys):
+    """At --max-iter 2 most refits stop short: `dmm fit` raises no RuntimeWarning from its chunks (each would
+    break the progress bar) and says once how many of its 500 · 10 regressions stopped, the sum of what
+    `fit_target_chunk` counts chunk by chunk."""
+    import re
+    import warnings
+
+    url = copy_of(base, tmp_path / "s.zarr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(fit_argv(url, {"--max-iter": "2"})) == 0
+    assert not [w for w in caught if "lasso" in str(w.message)]
+    said = re.findall(r"^([\d,]+) of its 5,000 regressions stopped at --max-iter 2 before the duality gap reached "
+                      r"--tol 0.001 \(their β is less exact; raise --max-iter or loosen --tol\)$",
+                      capsys.readouterr().out, flags=re.M)
+    store = AttributionStore.open(url)
+    masks, logits, _ = store.read()
+    labels = base.data.all_labels().numpy()
+    expected = sum(fit_target_chunk(masks[20:], logits[20:, sl], masks[:20], logits[:20, sl], labels[sl],
+                                    path_length=CONFIG.path_length, tol=CONFIG.tol, max_iter=2, warn=False).at_max_iter
+                   for sl in (slice(j, j + 128) for j in range(0, 500, 128)))
+    assert 0 < expected < 5_000 and said == [f"{expected:,}"]
+
+
 def test_dask_on_ray_puts_the_masks_once_and_gives_the_threads_result(ray_session, base, fitted, tmp_path,
                                                                       monkeypatch):
     import ray

@@ -178,6 +178,23 @@ def test_shared_design_is_the_centred_gram_of_each_split():
         assert 1.04 * top < mo.L <= 1.05 * top + 1e-9
 
 
+def test_refits_stopped_at_max_iter_are_flagged_and_warned_once():
+    """`at_max_iter` marks the refits that stopped before their duality gap reached tol: after 1 iteration
+    every target but the constant one (β = 0 at λ_max, converged at once), after enough none; one warning
+    names the count, and none with warn=False."""
+    X, Y = _problem(m=200, n=40, t=5, seed=12, noise=0.5)
+    Y = np.concatenate([Y, np.full((200, 1), 2.5, np.float32)], axis=1)
+    with pytest.warns(RuntimeWarning, match=r"^lasso: 5 target\(s\) hit max_iter=1 before the duality gap") as said:
+        short = fit_datamodels(X[:160], Y[:160], X[160:], Y[160:], path_length=4, max_iter=1)
+    assert len([w for w in said if "lasso" in str(w.message)]) == 1
+    assert short.at_max_iter.tolist() == [True] * 5 + [False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fit_datamodels(X[:160], Y[:160], X[160:], Y[160:], path_length=4).at_max_iter.any()
+        quiet = fit_datamodels(X[:160], Y[:160], X[160:], Y[160:], path_length=4, max_iter=1, warn=False)
+    assert quiet.at_max_iter.tolist() == short.at_max_iter.tolist()
+
+
 def test_a_design_of_fewer_models_than_half_the_points_keeps_the_factor():
     """With 2m < n each moment keeps F = X_c/√m (m × n) instead of G: FᵀF is the centred Gram (numpy float64
     reference), and G·W − C through it is the dense product's. 30 + 10 rows of 100 points: both factored;

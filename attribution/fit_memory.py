@@ -66,7 +66,8 @@ def check_task_memory(limit_gb: float | None, *, n: int, points: int, k: int, m_
         fix = f"pass --targets-per-chunk {fits} or less, or raise --max-task-memory"
     else:
         fix = (f"the shared design and masks alone need {_gb(shared_bytes(n, m_train, m_val))} (n = {n} "
-               f"points, {m_train + m_val} fitting models); run the fit where more memory is free and raise --max-task-memory")
+               f"points, {m_train + m_val} fitting models); run the fit where more memory is free and raise "
+               "--max-task-memory")
     raise FitMemoryError(f"a fit task of {points} targets needs {_gb(need)}, over --max-task-memory "
                          f"{limit_gb:g} GB; fix: {fix}")
 

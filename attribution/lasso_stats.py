@@ -15,8 +15,8 @@ A target chunk adds its own statistics (:func:`target_stats`): ȳ, C = X_cᵀY_c
 XᵀX of 0/1 masks is summed in the compute dtype over row blocks: its entries are counts ≤ m, exact in
 float32 below 2²⁴ in any order, so the blocked sum is bitwise the single GEMM.  X_cᵀY_c is summed in
 float64 over the same row blocks (one GEMM while m ≤ ROW_BLOCK), so no task holds X in float64.
-Memory of a design: 2 n² s bytes (s = 4 in float32; m·n·s for a factored one) — 20 GB at CIFAR-10's n = 50,000 — plus, while it
-is built, one row block and one column block.  Its arrays are numpy on the CPU: Ray's object store holds
+Memory of a design: 2 n² s bytes (s = 4 in float32; m·n·s for a factored one) — 20 GB at CIFAR-10's
+n = 50,000 — plus, while it is built, one row block and one column block.  Its arrays are numpy on the CPU: Ray's object store holds
 one copy a node shares with every task (zero-copy), and each task moves them to its own device.
 """
 

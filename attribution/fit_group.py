@@ -2,9 +2,8 @@
 
 A group holds weight β_{i,x,c} (n_train × n_points × k), bias β0, the chosen λ, the LDS per
 (x, c) and per margin, and one ``done`` marker per target chunk, set after that chunk's data.
-Once every chunk is done the driver writes ``weight_rows``, β again with one stored object per
-training row (:func:`write_row_copy`), so a request reads |F| objects rather than |F| × ⌈p / target_chunk⌉;
-its attr ``complete`` is set last, cleared when the group is reopened to refit chunks.
+Once every chunk is done the driver writes ``weight_rows``, β again one object per training row, which
+requests read (:mod:`attribution.row_copy`).
 Its attrs ``target_chunk``, ``row_chunk`` and ``config`` key a resumable fit: reopening it with
 other values is a ``StoreMismatch`` unless the caller asks to refit. So does its targets spec: a group
 fitted for a target subset T (:mod:`attribution.target_subset`) has one β column per fitted target
@@ -15,27 +14,23 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import zarr
-from numcodecs import Zstd
-from zarr.codecs import BytesCodec
 
 from .store_spec import SCHEMA_VERSION, StoreError, StoreMismatch, norm_json, short_value, spec_diff
-from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir, fetch_objects, get_array
+from .row_copy import ROW_CODECS, ROWS, decoded_rows, drop_row_copy
+from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir, get_array
 from .target_subset import IDS, Targets, group_targets
 
 if TYPE_CHECKING:
     from .store import AttributionStore
 
 FIT_PREFIXES = ("datamodels", "trak")
-ROWS = "weight_rows"  # the row-major copy of weight
 DELETION_SCALE = "deletion_scale"  # the group attr `dmm calibrate` writes (attribution/deletion_scale.py)
 SIZE_EFFECT = "size_effect"        # and the array of n·γ'_x it writes beside it when it trained full-data models
-ROW_CODECS = (BytesCodec(endian="little"), *COMPRESSORS)  # its codec chain, which `sum_weight_rows` decodes itself
 ROW_BATCH = 256  # rows summed per read, bounding memory at ROW_BATCH × n_points × k
-COPY_BYTES = 64 << 20  # β bytes one copy task holds (a whole number of weight's row chunks, at least one)
 
 
 def _check_prefix(prefix: str) -> None:
@@ -351,52 +346,7 @@ class FitGroup:
         arr = self.weight_rows
         if arr is None or tuple(arr.metadata.codecs) != ROW_CODECS or arr.chunks != (1, *arr.shape[1:]):
             return enumerate(self.read_weight_rows(batch), start)
-        return _decoded_rows(arr, batch, start)
+        return decoded_rows(arr, batch, start)
 
     def read_bias(self, targets: slice | None = None) -> np.ndarray:
         return np.asarray(self.bias[slice(None) if targets is None else targets])
-
-
-def _decoded_rows(arr: zarr.Array, rows: np.ndarray, start: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(start + j, row j) of a ``weight_rows`` copy with ROW_CODECS, decoded here one after another into one buffer."""
-    shape = arr.shape[1:]
-    keys = [f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((int(i), 0, 0))}" for i in rows]
-    zstd, row = Zstd(), np.empty(shape, dtype="<f4")
-    for j, raw in enumerate(fetch_objects(arr.store_path.store, keys), start):
-        if raw is not None:  # absent: the fill value 0
-            zstd.decode(raw, out=row)  # no allocation per row
-            yield j, row
-
-
-def drop_row_copy(group: FitGroup) -> None:
-    """Driver: mark ``weight_rows`` incomplete (readers fall back to ``weight``) until it is rewritten."""
-    arr = get_array(group.store.group, f"{group.prefix}/{ROWS}")
-    if arr is not None and arr.attrs.get("complete") is not False:
-        arr.attrs.update({"complete": False})
-    group.weight_rows = None
-
-
-def write_row_copy(group: FitGroup, scheduler="threads", **compute_kwargs) -> bool:
-    """Driver: write ``weight_rows`` (chunk 1 × p × k) of a complete group lacking a complete one; True if written.
-
-    Out of core: Dask tasks of whole row chunks of ``weight`` (about COPY_BYTES each) read β and write
-    their own rows, on ``scheduler`` (a Dask scheduler name or ``get``); ``complete`` is set after the last.
-    """
-    import dask.array as da
-
-    group.store._require_writable()
-    if not group.is_complete() or group.row_copy() is not None:
-        return False
-    n, p, k = group.weight.shape
-    rows = group.store.group.create_array(
-        f"{group.prefix}/{ROWS}", shape=(n, p, k), chunks=(1, p, k), dtype="float32", fill_value=0.0,
-        compressors=COMPRESSORS, config=ARRAY_CONFIG, overwrite=True,
-        attributes=array_attrs(group.store.fingerprint, "weight again, one chunk per training row; "
-                               "read only when complete", complete=False),
-    )
-    step = group.row_chunk * max(1, COPY_BYTES // (group.row_chunk * p * k * 4))
-    beta = da.from_zarr(group.weight, chunks=(min(step, n), p, k), inline_array=True)
-    da.store(beta, rows, lock=False, scheduler=scheduler, **compute_kwargs)
-    rows.attrs.update({"complete": True})
-    group.weight_rows = group.row_copy()
-    return True

@@ -45,7 +45,8 @@ from . import lds as lds_mod
 from .datasets import Dataset, check_fingerprint, load_dataset
 from .engine import train_batched
 from .errors import DmmError
-from .fit_group import FitGroup, create_fit_group, refuse_other_settings, write_row_copy
+from .fit_group import FitGroup, create_fit_group, refuse_other_settings
+from .row_copy import write_row_copy
 from .models import build_model, require_consent
 from .recipes import Recipe
 from .store import AttributionStore, StoreError

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attribution.datamodels import DEFAULT_VAL_FRACTION, fit_target_chunk, validation_split  # noqa: E402
-from attribution.fit_group import ROW_CODECS, ROWS  # noqa: E402
+from attribution.row_copy import ROW_CODECS, ROWS  # noqa: E402
 from attribution.fit_memory import task_bytes  # noqa: E402
 from attribution.lasso_stats import build_design  # noqa: E402
 from attribution.lds import holdout_split  # noqa: E402

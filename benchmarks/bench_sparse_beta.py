@@ -1,7 +1,7 @@
 """Sparse β rows vs the row copy's zstd-compressed dense rows (issue 16 points 2 and 5): bytes and sum time.
 
 An L1 datamodel row β_{i,·,·} is mostly zeros. The store keeps it dense (p·k float32) behind zstd
-(`attribution.fit_group.ROW_CODECS`); the alternative is a sparse row: the non-zeros' flat indices,
+(`attribution.row_copy.ROW_CODECS`); the alternative is a sparse row: the non-zeros' flat indices,
 delta-coded (uint32), and their values, each zstd-compressed with the same level. For rows of
 p·k = `--entries` entries at each density in `--densities` (uniform positions, N(0, 10⁻⁶) values, as
 `bench_scale`'s synthetic β), and for `--rows` real rows of a store's `datamodels/weight_rows` when

@@ -42,8 +42,8 @@ from attribution.lasso import DEFAULT_MAX_ITER, DEFAULT_PATH_LENGTH
 from attribution.lasso_stats import build_design
 from attribution.lds import DEFAULT_HOLDOUT, default_holdout, format_report as format_lds_report, holdout_split, \
     report as lds_report
-from attribution.fit_group import (create_fit_group, fit_group_attrs, recorded_settings, refuse_other_settings,
-                                  write_row_copy)
+from attribution.fit_group import create_fit_group, fit_group_attrs, recorded_settings, refuse_other_settings
+from attribution.row_copy import write_row_copy
 from attribution.store import AttributionStore
 from attribution.target_subset import ALL, parse_targets
 

@@ -25,7 +25,7 @@ from attribution.checkpoint import model_meta, save_model
 from attribution.datasets import Dataset, load_dataset
 from attribution.engine import train_batched
 from attribution.recipes import Recipe, default_recipe
-from attribution.fit_group import write_row_copy
+from attribution.row_copy import write_row_copy
 from attribution.store import AttributionStore, StoreSpec
 from attribution.subsets import block_subsets
 

@@ -1,4 +1,4 @@
-"""β's row-major copy (`<prefix>/weight_rows`, attribution/fit_group.py): written by `dmm fit` and `dmm trak`
+"""β's row-major copy (`<prefix>/weight_rows`, attribution/row_copy.py): written by `dmm fit` and `dmm trak`
 after the last target chunk, read by `FitGroup.read_weight_rows` only when complete, one object per forget row.
 
 Two small stores on the class-balanced digits subset (300 train / 500 points), with synthetic subset-model
@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from attribution import store_zarr, trak
-from attribution.fit_group import ROWS, write_row_copy
+from attribution.row_copy import ROWS, write_row_copy
 from attribution.recipes import default_recipe
 from attribution.store import AttributionStore, StoreError
 from attribution.subsets import block_subsets

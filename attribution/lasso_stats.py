@@ -8,16 +8,17 @@ Every target of a store is regressed on the same 0/1 masks X (m × n), so what d
 for the train rows (the λ path) and for train + validation rows (the refit at the chosen λ).  With fewer
 models than half the points (2m < n: small stores, quick runs) G is kept as its factor F = X_c/√m (m × n,
 G = FᵀF) instead: the solver's product G·W is then Fᵀ(F·W), 2·m·n·t flops instead of n²·t, and the design
-holds m·n numbers instead of n² (:class:`Gram`).  λ_max of a
-target, ‖X_cᵀy_c‖∞ / m, needs y: its only design input is x̄, which drops out (Σ_i y_c,i = 0).
+holds m·n numbers instead of n² (:class:`Gram`).  λ_max of a target, ‖X_cᵀy_c‖∞ / m, needs y: its only
+design input is x̄, which drops out (Σ_i y_c,i = 0).
 A target chunk adds its own statistics (:func:`target_stats`): ȳ, C = X_cᵀY_c / m and ‖y_c‖² / m.
 
 XᵀX of 0/1 masks is summed in the compute dtype over row blocks: its entries are counts ≤ m, exact in
 float32 below 2²⁴ in any order, so the blocked sum is bitwise the single GEMM.  X_cᵀY_c is summed in
 float64 over the same row blocks (one GEMM while m ≤ ROW_BLOCK), so no task holds X in float64.
 Memory of a design: 2 n² s bytes (s = 4 in float32; m·n·s for a factored one) — 20 GB at CIFAR-10's
-n = 50,000 — plus, while it is built, one row block and one column block.  Its arrays are numpy on the CPU: Ray's object store holds
-one copy a node shares with every task (zero-copy), and each task moves them to its own device.
+n = 50,000 — plus, while it is built, one row block and one column block.  Its arrays are numpy on the CPU:
+Ray's object store holds one copy a node shares with every task (zero-copy), and each task moves them to
+its own device.
 """
 
 from __future__ import annotations
@@ -102,14 +103,18 @@ class Gram:
         self.n = matrix.shape[1]
         self.dtype, self.device = matrix.dtype, matrix.device
 
+    def _operands(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with G·W = A @ B: (G, W), or (Fᵀ, F·W) where factored (the first of its two GEMMs done)."""
+        return (self.matrix.T, self.matrix @ W) if self.is_factor else (self.matrix, W)
+
     def __matmul__(self, W: torch.Tensor) -> torch.Tensor:
-        return self.matrix.T @ (self.matrix @ W) if self.is_factor else self.matrix @ W
+        A, B = self._operands(W)
+        return A @ B
 
     def grad(self, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """G·W − C (the gradient of ½wᵀGw − cᵀw, every column) in one GEMM, two where factored."""
-        if self.is_factor:
-            return torch.addmm(C, self.matrix.T, self.matrix @ W, beta=-1)
-        return torch.addmm(C, self.matrix, W, beta=-1)
+        A, B = self._operands(W)
+        return torch.addmm(C, A, B, beta=-1)
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,7 @@ def build_design(X_train: np.ndarray, X_val: np.ndarray | None = None, *, dtype:
     m_train, n = X_train.shape
     m_full = m_train + (0 if X_val is None else X_val.shape[0])
     cs = colsum(X_train)
+    # XᵀX for the moments that keep G: none when the full rows' is factored (m_full ≥ m_train, so both are)
     xtx = None if factored(m_full, n) else torch.zeros(n, n, dtype=dtype, device=device)
     if xtx is not None:
         gram_pass(xtx, X_train)
@@ -186,15 +192,6 @@ def build_design(X_train: np.ndarray, X_val: np.ndarray | None = None, *, dtype:
     if X_val is not None and xtx is None:
         full = _factor(np.concatenate([X_train, X_val]), dtype, device)
     elif X_val is not None:
-        gram_pass(xtx, X_val)
-        full = _centre(xtx, cs + colsum(X_val), m_full, xtx)
-    return Design(train, full, dtype)
-    xtx = torch.zeros(n, n, dtype=dtype, device=device)
-    gram_pass(xtx, X_train)
-    cs = colsum(X_train)
-    train = _factor(X_train, dtype, device) if factored(m_train, n) else _centre(xtx, cs, m_train, torch.empty_like(xtx))
-    full = None
-    if X_val is not None:
         gram_pass(xtx, X_val)
         full = _centre(xtx, cs + colsum(X_val), m_full, xtx)
     return Design(train, full, dtype)

@@ -20,6 +20,20 @@ def _pyplot():
     return plt
 
 
+def _set_label(forget_set: str) -> str:
+    """A forget set as a plot names it: `ids:/long/path/to/forget_ids.txt` → `ids:forget_ids.txt` (the report's
+    tables keep the full spec)."""
+    kind, _, rest = forget_set.partition(":")
+    return f"{kind}:{Path(rest).name}" if kind == "ids" else forget_set
+
+
+def _save(plt, fig, path: Path, dpi: int) -> None:
+    """Laid out, saved with every label inside the image (a long title widens it rather than being cut off)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _methods(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
@@ -71,7 +85,7 @@ def plot_klom_per_group(rows: list[dict], path: Path, direction: str, n_models: 
                 ax.axvline(by_method["retrain"][f"klom95_{g}"], color="black", linestyle="--", linewidth=0.7)
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"forget set {fs}")
+        ax.set_title(f"forget set {_set_label(fs)}")
         ax.set_xlabel("KLoM, 95th percentile over points")
         ax.grid(axis="x", alpha=0.3)
     for g, marker in GROUP_MARKERS.items():
@@ -79,9 +93,7 @@ def plot_klom_per_group(rows: list[dict], path: Path, direction: str, n_models: 
     axes[0][-1].legend(title="group (dashed: the floor)", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.suptitle(f"KLoM against {n_models} oracles, KL({direction.replace('||', ' ‖ ')}); lower is better, "
                  "hollow = a variant")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
 
 
 COST_AXES = {"cost_vs_retrain": "wall time per request / one retrain",
@@ -114,13 +126,11 @@ def plot_klom_vs_cost(rows: list[dict], path: Path) -> None:
     for m in methods:
         axes[-1].scatter([], [], marker="o", label=m, **_style(colors, m))
     for i, fs in enumerate(sets):
-        axes[-1].scatter([], [], color="gray", marker=markers[i % len(markers)], label=f"set {fs}")
+        axes[-1].scatter([], [], color="gray", marker=markers[i % len(markers)], label=f"set {_set_label(fs)}")
     axes[0].set_ylabel("KLoM on F, 95th percentile")
     fig.suptitle("Forgetting quality vs compute (lower left is better; retrain at x = 1; hollow = a variant)")
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, ncol=columns)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
 
 
 HISTOGRAM_COLUMNS = 8
@@ -150,8 +160,6 @@ def plot_margin_histograms(forget_set: str, oracle: np.ndarray, populations: dic
                 ax.set_xlabel("margin", fontsize=8)
         axes[i][0].set_ylabel("models", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Margins at forget points of {forget_set}: oracles (gray) vs each method (red); the methods "
-                 f"beyond {', '.join(shown)}: the {len(names) - len(shown)} of lowest KLoM there", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle(f"Margins at forget points of {_set_label(forget_set)}: oracles (gray) vs each method (red); "
+                 f"the methods beyond {', '.join(shown)}: the {len(names) - len(shown)} of lowest KLoM there", fontsize=10)
+    _save(plt, fig, path, dpi=100)

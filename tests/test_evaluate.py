@@ -239,3 +239,20 @@ def test_a_model_factory_named_by_the_spec_needs_consent(tmp_path):
     with pytest.raises(ModelError, match="evil_factory_module.*--trust-code"):
         run_evaluation(spec, tmp_path / "out", progress=False)
     assert "evil_factory_module" not in sys.modules and not (tmp_path / "s.zarr").exists()
+
+
+def test_a_plot_names_an_id_file_by_its_name_and_keeps_a_long_title_inside_the_image(tmp_path):
+    """`ids:/…/forget_ids.txt` is drawn as `ids:forget_ids.txt` (other specs as given); the one-set KLoM panel
+    is 4.4 + 1.5 in wide (649 px at 110 dpi), narrower than its title: the image widens instead of cutting it."""
+    import struct
+
+    from cluster.eval_plots import _set_label, plot_klom_per_group
+
+    assert _set_label("ids:/tmp/run/demo_out/forget_ids.txt") == "ids:forget_ids.txt"
+    assert [_set_label(s) for s in SETS] == SETS
+    row = {"forget_set": "ids:/tmp/run/demo_out/forget_ids.txt", "klom95_forget": 5.0, "klom95_retain": 5.1,
+           "klom95_heldout": 5.2}
+    rows = [dict(row, method=m) for m in ("nothing", "dmm", "retrain")]
+    plot_klom_per_group(rows, tmp_path / "k.png", "oracle||unlearned", 20)
+    width = struct.unpack(">I", (tmp_path / "k.png").read_bytes()[16:20])[0]  # the PNG header's IHDR width
+    assert width > 649

@@ -70,7 +70,7 @@ def bench_dataset(name: str, n_forget: int, repeats: int, tmp: Path, setup_dir: 
     retain[forget] = False
     fixture, theta0 = setup(name, data, model, recipe, setup_dir)
 
-    totals, parts, retrains, grads = [], [], [], []
+    totals, parts, retrains, grads, steps = [], [], [], [], []
     for run in range(repeats):
         store = copy_store(fixture, tmp / f"{name}-{run}.zarr")
         os.sync()  # the copy's writeback (mnist1d: 0.8 GB in 176k files) would otherwise run beside the timings
@@ -79,6 +79,7 @@ def bench_dataset(name: str, n_forget: int, repeats: int, tmp: Path, setup_dir: 
         totals.append(time.perf_counter() - start)
         parts.append(result.parts)
         grads.append(result.stats["sample_grads"])
+        steps.append(result.stats["steps"])
         start = time.perf_counter()
         train_model(model, data, recipe, seed=1 + run, mask=retain)
         retrains.append(time.perf_counter() - start)
@@ -91,12 +92,13 @@ def bench_dataset(name: str, n_forget: int, repeats: int, tmp: Path, setup_dir: 
            "parts_s": {p: round(v, 4) for p, v in part_s.items()},
            "fixed_overhead_s": round(float(np.median([t - r["finetune"] for t, r in zip(totals, parts)])), 4),
            "ratio_wall": round(total_s / retrain_s, 4), "ratio_wall_runs": [round(r, 4) for r in paired],
-           "sample_grads": int(np.median(grads)), "retrain_sample_grads": retrain_grads,
+           "steps": int(np.median(steps)), "sample_grads": int(np.median(grads)), "retrain_sample_grads": retrain_grads,
            "ratio_grads": round(float(np.median(grads)) / retrain_grads, 4), "n_forget": n_forget}
     print(f"{name}: request {total_s * 1e3:.1f} ms = " + " + ".join(f"{p} {v * 1e3:.1f}" for p, v in part_s.items())
           + f" ms; fixed overhead {row['fixed_overhead_s'] * 1e3:.1f} ms; retrain {retrain_s:.2f} s; ratio "
           f"{row['ratio_wall']:.1%} in wall time (runs {paired[0]:.1%}–{paired[-1]:.1%}), "
-          f"{row['ratio_grads']:.1%} in sample-gradients ({row['sample_grads']} vs {retrain_grads})", flush=True)
+          f"{row['ratio_grads']:.1%} in sample-gradients ({row['sample_grads']} vs {retrain_grads}; "
+          f"{row['steps']} matching steps)", flush=True)
     return row
 
 

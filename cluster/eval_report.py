@@ -17,7 +17,7 @@ COLUMNS = ("forget_set", "method", "diverged", "klom95_forget", "klom95_retain",
            "klom50_retain", "klom50_heldout", "spread_forget", "spread_retain", "spread_heldout", "acc_forget",
            "acc_retain", "acc_heldout", "gap_forget", "gap_retain", "gap_heldout", "mia_svc", "mia_entropy",
            "ulira_auc", "relearn_steps", "weight_distance", "seconds", "cost_vs_retrain", "sample_grads",
-           "grads_vs_retrain", "steps")
+           "grads_vs_retrain", "steps", "match_end")
 GROUPS = ("forget", "retain", "heldout")
 
 
@@ -39,7 +39,9 @@ def result_row(forget_set: str, metrics: dict) -> dict:
     for key in ("mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "weight_distance", "seconds",
                 "cost_vs_retrain", "sample_grads", "grads_vs_retrain"):
         row[key] = metrics[key]
-    row["steps"] = (metrics.get("matching") or {}).get("steps")
+    matching = metrics.get("matching") or {}
+    row["steps"] = matching.get("steps")
+    row["match_end"] = matching["loss_end"] / matching["loss_start"] if matching.get("loss_start") else None
     return row
 
 
@@ -65,14 +67,16 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
                                                  indent=1))
     main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "spread_forget", "acc_forget",
             "acc_retain", "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps",
-            "cost_vs_retrain", "grads_vs_retrain", "diverged")
+            "match_end", "cost_vs_retrain", "grads_vs_retrain", "diverged")
     parts = [f"# Unlearning evaluation\n\nKLoM = binned KL between margin distributions over N = {n_models} "
              f"models per population, direction KL({direction.replace('||', ' ‖ ')}); columns klom95_* are "
              "the 95th percentile over the points of each group. `retrain` is a second, independent set of "
              "oracles: its KLoM is the noise floor. spread_* = the population's mean margin sd over the oracles' "
              "(KL(oracle ‖ unlearned) falls as a population widens: a low KLoM with a spread well above 1 is "
              "noise, not forgetting). mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
-             "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; cost_vs_retrain = "
+             "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; match_end = DMM/OM's "
+             "matching loss at the end over its start, means over the models (above 1: the fine-tuning moved away "
+             "from its targets, whatever KLoM says); cost_vs_retrain = "
              "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's; "
              "diverged = models whose logits are not finite, left out of every other column.\n"]
     for fs in dict.fromkeys(r["forget_set"] for r in rows):

@@ -19,6 +19,7 @@ from cluster import eval_stages
 from cluster.eval_methods import MethodConfigError
 from cluster.eval_spec import SpecError, spec_from_dict
 from cluster.dag import stage_keys
+from cluster.eval_report import GROUPS, result_row
 from cluster.evaluate import experiment_stages, run_evaluation
 from matching.klom import klom
 
@@ -52,8 +53,10 @@ def test_the_report_has_every_row_column_and_file(evaluated, fixture):
     assert [(r["forget_set"], r["method"]) for r in rows] == [
         (fs, m) for fs in SETS for m in ("nothing", "dm-direct", "dmm", "retrain")]
     for column in ("klom95_forget", "klom95_retain", "klom95_heldout", "acc_forget", "acc_retain", "acc_heldout",
-                   "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "seconds", "cost_vs_retrain"):
+                   "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "seconds", "cost_vs_retrain", "match_end"):
         assert column in rows[0]
+    for row in rows:  # the matching loss at the end over its start: DMM's only, and it fell
+        assert (0 < float(row["match_end"]) < 1) if row["method"] == "dmm" else row["match_end"] == ""
     assert json.loads((out / "results.json").read_text())["klom_direction"] == "oracle||unlearned"
     data = fixture.data
     for fs in ("random_10_0", "class_3_10", "pc_1_10_top"):
@@ -131,6 +134,16 @@ def test_calibration_settings_key_the_store_methods_and_nothing_else(fixture, tm
     assert {n for n, k in keys(calibration_models=0).items() if kept[n] != k} == {"calibration"} | store_readers
     spec = spec_from_dict(raw_spec(fixture, methods={"nothing": {}, "ga": {}}))
     assert "calibration" not in stage_keys(experiment_stages(spec, tmp_path / "out")[0])
+
+
+def test_a_row_gives_the_matching_loss_at_the_end_over_its_start():
+    metrics = {"method": "dmm", "klom": {g: {"p95": 1.0, "median": 0.5} for g in GROUPS},
+               "accuracy": dict.fromkeys(GROUPS, 0.9), "accuracy_gap": dict.fromkeys(GROUPS, 0.0),
+               **dict.fromkeys(("mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "weight_distance", "seconds",
+                                "cost_vs_retrain", "sample_grads", "grads_vs_retrain"))}
+    row = result_row("random:10:0", {**metrics, "matching": {"loss_start": 0.008, "loss_end": 0.002, "steps": 210.0}})
+    assert row["match_end"] == 0.25 and row["steps"] == 210.0
+    assert result_row("random:10:0", {**metrics, "matching": None})["match_end"] is None
 
 
 def test_a_rerun_computes_nothing_and_a_new_method_only_its_stages(evaluated, fixture):

@@ -82,6 +82,15 @@ def test_unlearn_and_ledger_print_what_they_did(world, tmp_path, capsys):
     assert "loss start" in lines[0] and "loss end" in lines[0] and f" {stats['steps']} " in lines[1]
 
 
+def test_a_request_whose_matching_loss_rose_says_so_and_how_to_fix_it(world, tmp_path):
+    store = copy_store(world["fixture"], tmp_path / "store.zarr")
+    wild = MatchingConfig(lr=1.0, min_steps=5, anneal_steps=0, max_steps=5)  # five steps of Adam at lr 1
+    result = unlearn_request(store, world["theta0"], [3, 4], out=tmp_path / "u.safetensors", config=wild)
+    assert result.stats["loss_end"] > result.stats["loss_start"]
+    assert result.message.endswith(" — above its start: the fine-tuning moved away from its targets; lower --lr or "
+                                   f"raise --anneal-steps -> {tmp_path / 'u.safetensors'}")
+
+
 BAD_INPUTS = {
     # name: (argv changes, needle in the one-line error)
     "id out of range": (dict(forget="999999"), "out of range"),

@@ -2,7 +2,8 @@
 
 Reads the results.csv of `dmm evaluate` runs of the sweep configs (configs/sweep_dmm_*.yaml) and, per
 forget set and variant, prints KLoM95 forget / retain / held-out and the two ratios issue 13 targets on
-every group: DMM / DM-Direct (target ≤ 1.15) and DMM / floor (the `retrain` row, target ≤ 2).
+every group: DMM / DM-Direct (target ≤ 1.15) and DMM / floor (the `retrain` row, target ≤ 2); and the matching
+loss at the end over its start (`match_end`, ✗ above 1: the matching moved away from its targets).
 One JSON line last: for each variant, the worst ratio of each kind over every setting and group.
 
 Run: python benchmarks/matching_sweep.py sweep_out/digits/results.csv sweep_out/mnist1d/results.csv
@@ -32,8 +33,8 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="results.csv of `dmm evaluate` runs")
     args = parser.parse_args()
     worst: dict[str, dict[str, float]] = {}
-    print("| run | forget set | variant | KLoM95 F / R / H | vs DM-Direct (max) | vs floor (max) | steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | forget set | variant | KLoM95 F / R / H | vs DM-Direct (max) | vs floor (max) | steps | L end / start |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in args.results:
         run = path.parent.name
         rows = read_rows(path)
@@ -50,9 +51,13 @@ def main() -> None:
                 mine["vs_direct"] = round(max(mine["vs_direct"], vs_direct), 3)
                 mine["vs_floor"] = round(max(mine["vs_floor"], vs_floor), 3)
                 steps = f"{float(row['steps']):.0f}" if row.get("steps") else "—"
+                match_end = "—"
+                if row.get("match_end"):  # absent from results.csv written before the column was added
+                    mine["match_end"] = round(max(mine.get("match_end", 0.0), float(row["match_end"])), 3)
+                    match_end = f"{float(row['match_end']):.2f}" + (" ✗" if float(row["match_end"]) > 1 else "")
                 print(f"| {run} | {fs} | {method} | {' / '.join(f'{v:.2f}' for v in values)} | "
                       f"{vs_direct:.2f}{'' if vs_direct <= DIRECT_TARGET else ' ✗'} | "
-                      f"{vs_floor:.2f}{'' if vs_floor <= FLOOR_TARGET else ' ✗'} | {steps} |")
+                      f"{vs_floor:.2f}{'' if vs_floor <= FLOOR_TARGET else ' ✗'} | {steps} | {match_end} |")
     print(json.dumps({"bench": "matching_sweep", "targets": {"vs_direct": DIRECT_TARGET, "vs_floor": FLOOR_TARGET},
                       "worst": worst}))
 

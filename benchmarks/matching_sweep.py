@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="results.csv of `dmm evaluate` runs")
     args = parser.parse_args()
     worst: dict[str, dict[str, float]] = {}
-    print("| run | forget set | variant | KLoM95 F / R / H | vs DM-Direct (max) | vs floor (max) | steps | L end / start |")
+    print("| run | forget set | variant | KLoM95 F / R / H | vs DM-Direct (max) | vs floor (max) | steps "
+          "| L end / start |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.results:
         run = path.parent.name

@@ -74,9 +74,9 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
              "oracles: its KLoM is the noise floor. spread_* = the population's mean margin sd over the oracles' "
              "(KL(oracle ‖ unlearned) falls as a population widens: a low KLoM with a spread well above 1 is "
              "noise, not forgetting). mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
-             "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; match_end = DMM/OM's "
-             "matching loss at the end over its start, means over the models (above 1: the fine-tuning moved away "
-             "from its targets, whatever KLoM says); cost_vs_retrain = "
+             "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; "
+             "match_end = DMM/OM's matching loss at the end over its start, means over the models (above 1: the "
+             "fine-tuning moved away from its targets, whatever KLoM says); cost_vs_retrain = "
              "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's; "
              "diverged = models whose logits are not finite, left out of every other column.\n"]
     for fs in dict.fromkeys(r["forget_set"] for r in rows):

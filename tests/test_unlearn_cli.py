@@ -68,6 +68,7 @@ def test_unlearn_and_ledger_print_what_they_did(world, tmp_path, capsys):
     assert defaults.min_steps + defaults.anneal_steps <= stats["steps"] <= 250
     assert stats["loss_end"] < stats["loss_start"]
     assert f"matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps" in printed
+    assert "above its start" not in printed
     assert entry.output_sha256 == file_sha256(out)
 
     np.save(tmp_path / "again.npy", np.array([4, 8]))

@@ -38,7 +38,6 @@ MATCHING_DOCS = {
     "lr_decay": "lr factor per epoch",
     "retain_ratio": "r: match on F plus r·|F| random retain points",
     "max_retain": "at most this many retain points (0: no cap)",
-    "forget_weight": "F's share of the matching loss (0: every point of F ∪ R counts the same)",
     "min_steps": "optimiser steps at the full lr at least",
     "anneal_steps": "after convergence, this many steps with the lr falling linearly to 0",
     "max_steps": "optimiser steps at most",

@@ -1,10 +1,8 @@
 """Logit matching (DESIGN.md §1.3–1.4): fine-tune θ so that f_x(θ) ≈ h(x) on F ∪ R.
 
-The loss is the MSE over all k logits; R is r·|F| retain points drawn at random from S∖F, at most
-`max_retain` of them (100 by default; 0: no cap): with three retain points per forgotten one a large request's
-loss is mostly R's, and where the model cannot move F as far as h asks without moving R, the matching settled
-between θ0 and h on F (mnist1d's CNN; README, "The cap on R"). With a forget weight φ > 0 the loss is φ·MSE_F + (1 − φ)·MSE_R, each
-point's squared error weighed (`point_weights`), instead of the mean over F ∪ R, where F's share is |F|/|F ∪ R|.
+The loss is the MSE over all k logits; R is r·|F| retain points drawn at random from S∖F, at most `max_retain`
+of them (100 by default; 0: no cap). Uncapped, a large request's loss is mostly R's, and where the model cannot move F
+as far as h asks without moving R the matching settled between θ0 and h on F (mnist1d's CNN; README, "The cap on R").
 DMM takes h from DM-Direct, OM from the mean logits of real oracles; the loop is the same.
 
 Stopping rule. The paper's recipe (Adam, lr 5e-4, batch 512, 5 epochs) was set for CIFAR-10 with
@@ -55,7 +53,6 @@ class MatchingConfig:
     anneal_steps: int = 100    # after the plateau: this many more steps, the lr falling linearly to 0
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
     max_retain: int = 100      # |R| at most this many (0: no cap); README, "The cap on R"
-    forget_weight: float = 0.0  # F's share of the loss (0: every point of F ∪ R counts the same)
     min_steps: int = 100       # at least this many optimiser steps at the full lr, however small F ∪ R is
     max_steps: int = 5000      # at most this many
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
@@ -73,9 +70,8 @@ class MatchingConfig:
                                 f"decay={self.lr_decay}, tol={self.tol}; e.g. --lr 5e-3 --lr-decay 1 --tol 1e-3")
         if not self.retain_ratio >= 0:
             raise MatchingError(f"retain ratio {self.retain_ratio} is negative; use r >= 0 (default 3)")
-        if self.max_retain < 0 or not 0 <= self.forget_weight < 1:
-            raise MatchingError(f"need max retain >= 0 and 0 <= forget weight < 1, got {self.max_retain}, "
-                                f"{self.forget_weight}; 0 turns either off")
+        if self.max_retain < 0:
+            raise MatchingError(f"max retain {self.max_retain} is negative; use M >= 0 (0: no cap, default 100)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,11 +94,11 @@ class MatchingStats:
 
 def matching_points(forget_ids: np.ndarray, n_train: int, retain_ratio: float, seed: int,
                     fitted: np.ndarray | None = None, max_retain: int = 0) -> np.ndarray:
-    """Sorted F ∪ R, R = round(r·|F|) points drawn without replacement from S∖F (all of S∖F if fewer, and at most
+    """Sorted F ∪ R, R = round(r·|F|) points drawn without replacement from S∖F (all of S∖F if fewer; at most
     `max_retain` when it is > 0).
 
     With ``fitted`` (the point ids of a target-subset fit, whose h is known only there) both come from
-    its train points T: F ∩ T, and R from T∖F, still round(r·|F|) of them (all of T∖F if fewer).
+    its train points T: F ∩ T, and R from T∖F, still round(r·|F|) of them (all of T∖F if fewer; capped alike).
     """
     forget_ids = np.asarray(forget_ids, dtype=np.int64)
     pool = np.arange(n_train) if fitted is None else np.asarray(fitted, dtype=np.int64)[np.asarray(fitted) < n_train]
@@ -112,43 +108,19 @@ def matching_points(forget_ids: np.ndarray, n_train: int, retain_ratio: float, s
     return np.union1d(forget_ids if fitted is None else np.intersect1d(forget_ids, pool), drawn)
 
 
-def point_weights(is_forget: np.ndarray, forget_weight: float) -> torch.Tensor | None:
-    """Per-point loss weights w (mean 1) giving F the share `forget_weight` of L; None where every point counts
-    the same (forget_weight 0, or only one of F and R present)."""
-    is_forget = np.asarray(is_forget, dtype=bool)
-    n_forget = int(is_forget.sum())
-    if forget_weight == 0 or n_forget in (0, len(is_forget)):
-        return None
-    n = len(is_forget)
-    return torch.from_numpy(np.where(is_forget, forget_weight * n / n_forget,
-                                     (1 - forget_weight) * n / (n - n_forget))).float()
-
-
-def _squared_error(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
-                   reduction: str) -> torch.Tensor:
-    """Σ (`reduction` "sum") or mean ("mean") over points and logits of w_i · (f − h)²; without weights, MSE's own."""
-    if weights is None:
-        return F.mse_loss(outputs, targets, reduction=reduction)
-    weighted = weights.unsqueeze(1) * (outputs - targets).pow(2)
-    return weighted.sum() if reduction == "sum" else weighted.mean()
-
-
 @torch.no_grad()
-def matching_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                  weights: torch.Tensor | None = None, chunk: int = 4096) -> float:
-    """L = mean over points and logits of w_i · (f(θ; x_i) − h(x_i))², the model in eval mode (w = 1 by default)."""
+def matching_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> float:
+    """L = mean over points and logits of (f(θ; x) − h(x))², the model in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    total = sum(_squared_error(model(inputs[i: i + chunk].to(device)), targets[i: i + chunk].to(device),
-                               None if weights is None else weights[i: i + chunk], "sum").item()
-                for i in range(0, len(inputs), chunk))
+    total = sum(F.mse_loss(model(x.to(device)), t.to(device), reduction="sum").item()
+                for x, t in zip(inputs.split(chunk), targets.split(chunk)))
     return total / targets.numel()
 
 
-def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: MatchingConfig,
-                 weights: torch.Tensor | None = None) -> tuple[nn.Module, MatchingStats]:
-    """Fine-tune `model` in place towards `targets` until the stopping rule holds; returns it and its stats.
-    `weights` (`point_weights`) weigh each point's squared error in L and in every minibatch's loss."""
+def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 config: MatchingConfig) -> tuple[nn.Module, MatchingStats]:
+    """Fine-tune `model` in place towards `targets` until the stopping rule holds; returns it and its stats."""
     targets = torch.as_tensor(targets, dtype=torch.float32)
     if targets.shape[0] != inputs.shape[0]:
         raise MatchingError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets; give one target row per point")
@@ -157,9 +129,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in FUSED_ADAM_DEVICES)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
     order = torch.Generator().manual_seed(config.seed)
-    if weights is not None:
-        weights = weights.to(device)
-    start = matching_loss(model, inputs, targets, weights)
+    start = matching_loss(model, inputs, targets)
     history = [start]
     steps = epochs = grads = annealed = 0
     anneal_from = None  # the lr when the plateau was reached; then the anneal runs
@@ -171,8 +141,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
                 for group in opt.param_groups:
                     group["lr"] = anneal_from * (config.anneal_steps - annealed) / config.anneal_steps
                 annealed += 1
-            batch_weights = None if weights is None else weights[idx.to(device)]
-            loss = _squared_error(model(inputs[idx].to(device)), targets[idx].to(device), batch_weights, "mean")
+            loss = F.mse_loss(model(inputs[idx].to(device)), targets[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -191,7 +160,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
             if config.anneal_steps == 0:
                 break
             anneal_from = opt.param_groups[0]["lr"]
-    end = matching_loss(model, inputs, targets, weights)
+    end = matching_loss(model, inputs, targets)
     return model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
 
 

@@ -24,7 +24,7 @@ from attribution.store import AttributionStore
 
 from .direct import FIT_COMMAND, dm_direct_targets
 from .errors import MatchingError
-from .finetune import MatchingConfig, match_logits, matching_points, point_weights
+from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
 
 
@@ -111,9 +111,7 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
             warnings.warn(f"0 of the {len(task.forget_ids)} forget ids are fitted targets of {task.attribution}/ "
                           f"({len(fitted)} targets): matching on {len(points)} retain points only; fix: refit with "
                           f"`dmm {FIT_COMMAND[task.attribution]} --targets ids:FILE` listing them", stacklevel=2)
-    weights = point_weights(np.isin(points, task.forget_ids), task.config.forget_weight)
-    model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config,
-                                weights)
+    model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
     return Unlearned(model, {**stats.to_dict(), **extra})
 
 

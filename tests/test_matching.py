@@ -19,7 +19,7 @@ from attribution.store import AttributionStore, StoreSpec
 from fixtures_store import copy_store, digits_store, train_and_save, tree_hashes
 from matching.direct import dm_direct_targets
 from matching.errors import MatchingError
-from matching.finetune import MatchingConfig, match_logits, matching_loss, matching_points, point_weights
+from matching.finetune import MatchingConfig, match_logits, matching_points
 from matching.inputs import forget_set
 from matching.ledger import ids_sha256, read_ledger, store_lock
 from matching.methods import METHODS, Unlearned, get_method, register_method
@@ -112,35 +112,17 @@ def test_max_retain_caps_the_retain_points_and_zero_leaves_them():
     assert len(matching_points(forget, 300, 3.0, seed=7, max_retain=500)) == 20 + 60  # a cap above r·|F| changes nothing
 
 
-def test_point_weights_give_f_its_share_of_the_loss_at_mean_one():
-    is_forget = np.array([True, False, False, False, True, False])
-    w = point_weights(is_forget, 0.5).numpy()
-    assert w.mean() == pytest.approx(1.0) and w[is_forget].sum() / w.sum() == pytest.approx(0.5)
-    assert w[is_forget].tolist() == pytest.approx([1.5, 1.5]) and w[~is_forget].tolist() == pytest.approx([0.75] * 4)
-    assert point_weights(is_forget, 0.0) is None  # every point counts the same
-    assert point_weights(np.ones(4, bool), 0.5) is None and point_weights(np.zeros(4, bool), 0.5) is None
-    x, targets = torch.randn(6, 3), torch.randn(6, 2)
-    model = torch.nn.Linear(3, 2)
-    with torch.no_grad():
-        err = ((model(x) - targets) ** 2).mean(dim=1)
-    assert matching_loss(model, x, targets, torch.from_numpy(w)) == pytest.approx(
-        0.5 * err[is_forget].mean().item() + 0.5 * err[~is_forget].mean().item(), rel=1e-6)
-
-
-def reference_match(model, x, targets, config, per_step=False, weights=None):
+def reference_match(model, x, targets, config, per_step=False):
     """DESIGN §1.3's fine-tune and its stopping rule written out: Adam on the MSE over all k logits, minibatches
     in the order `torch.randperm` draws from config.seed, lr = config.lr × decay^epoch set by hand (× decay^step
     if per_step, the bug the test must catch); each epoch's loss the size-weighted mean of its minibatch losses;
     converged once at least min_steps steps are taken and the best epoch loss of the last `patience` epochs is
     not below the best before them by more than tol × the starting (full, eval-mode) loss; then anneal_steps
     more steps at lr × (A − j)/A, j = 0..A−1, and a stop (or at max_steps).
-    With `weights` every point's squared error is multiplied by its weight, in the full loss and in each minibatch's.
     Returns the model, the full loss at start and end, the epoch losses until convergence and the steps."""
-    w = torch.ones(len(x)) if weights is None else weights
-
     def full_loss():
         with torch.no_grad():
-            return (w[:, None] * (model.eval()(x) - targets) ** 2).mean().item()
+            return ((model.eval()(x) - targets) ** 2).mean().item()
 
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     order = torch.Generator().manual_seed(config.seed)
@@ -155,7 +137,7 @@ def reference_match(model, x, targets, config, per_step=False, weights=None):
                 lr = anneal_at[1] * (config.anneal_steps - (step - anneal_at[0])) / config.anneal_steps
             opt.param_groups[0]["lr"] = lr
             opt.zero_grad()
-            loss = (w[idx, None] * (model(x[idx]) - targets[idx]) ** 2).mean()
+            loss = ((model(x[idx]) - targets[idx]) ** 2).mean()
             loss.backward()
             opt.step()
             batch_losses.append((loss.item(), len(idx)))
@@ -194,8 +176,8 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     # parameters; the stop is the same
     defaults = MatchingConfig()
     assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.anneal_steps,
-            defaults.max_steps, defaults.tol, defaults.patience, defaults.retain_ratio, defaults.max_retain,
-            defaults.forget_weight) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5, 3.0, 100, 0.0)
+            defaults.max_steps, defaults.tol, defaults.patience, defaults.retain_ratio,
+            defaults.max_retain) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5, 3.0, 100)
     x, targets = torch.randn(1100, 5), torch.randn(1100, 4)
 
     def start():
@@ -213,16 +195,6 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
         assert stats.loss_end == pytest.approx(loss_end, rel=1e-6)
     per_step, _, _, _ = reference_match(start(), x, targets, config, per_step=True)
     assert max((w - s).abs().max().item() for w, s in zip(want.parameters(), per_step.parameters())) > 1e-5
-    # a forget weight: every point's error weighed (F's share 0.5 of 100 "forget" points among 1,100), as written out
-    weights = point_weights(np.arange(1100) < 100, 0.5)
-    got, stats = match_logits(start(), x, targets, defaults, weights)
-    want, (loss_start, loss_end), _, steps = reference_match(start(), x, targets, defaults, weights=weights)
-    for g, w in zip(got.parameters(), want.parameters()):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
-    assert stats.steps == steps and stats.loss_start == pytest.approx(loss_start, rel=1e-6)
-    assert stats.loss_end == pytest.approx(loss_end, rel=1e-6)
-    unweighted, _ = match_logits(start(), x, targets, defaults)
-    assert max((u - g).abs().max().item() for u, g in zip(unweighted.parameters(), got.parameters())) > 1e-4
     capped, capped_stats = match_logits(start(), x, targets, MatchingConfig(min_steps=5, max_steps=30))
     assert capped_stats.steps == 30 and capped_stats.sample_grads == 1100 + 12 * 64  # a whole epoch (18 steps), then 12
 
@@ -248,8 +220,7 @@ def test_the_anneal_continues_the_converged_run_and_ends_lower():
 
 @pytest.mark.parametrize("bad", [dict(min_steps=0), dict(anneal_steps=-1), dict(min_steps=10, max_steps=5), dict(batch_size=0),
                                  dict(lr=0.0), dict(lr_decay=1.5), dict(tol=-1.0), dict(patience=0),
-                                 dict(retain_ratio=-1.0), dict(max_retain=-1), dict(forget_weight=1.0),
-                                 dict(forget_weight=-0.1)])
+                                 dict(retain_ratio=-1.0), dict(max_retain=-1)])
 def test_matching_config_refuses_bad_settings(bad):
     with pytest.raises(MatchingError):
         MatchingConfig(**bad)
@@ -346,9 +317,9 @@ def test_later_requests_use_stored_theta0_logits_and_the_union_of_forgotten_ids(
     captured = {}
     real_match = methods.match_logits
 
-    def spy(model, inputs, targets, config, weights):
-        captured.update(inputs=inputs, targets=targets.numpy(), weights=weights)
-        return real_match(model, inputs, targets, config, weights)
+    def spy(model, inputs, targets, config):
+        captured.update(inputs=inputs, targets=targets.numpy())
+        return real_match(model, inputs, targets, config)
 
     monkeypatch.setattr(methods, "match_logits", spy)
     r2 = unlearn_request(url, tmp_path / "u1.safetensors", second, out=tmp_path / "u2.safetensors")
@@ -360,7 +331,7 @@ def test_later_requests_use_stored_theta0_logits_and_the_union_of_forgotten_ids(
     points = matching_points(union, data.n_train, 3.0, 0, max_retain=100)
     assert len(points) == 40 + 100  # 3·40 retain points, capped at 100
     np.testing.assert_allclose(captured["targets"], h[points], rtol=1e-4, atol=1e-4)
-    assert torch.equal(captured["inputs"], data.x_train[points]) and captured["weights"] is None
+    assert torch.equal(captured["inputs"], data.x_train[points])
 
     before = tree_hashes(url, tmp_path / "u2.safetensors")
     r3 = unlearn_request(url, tmp_path / "u2.safetensors", first[:5], out=tmp_path / "u3.safetensors")
@@ -368,14 +339,13 @@ def test_later_requests_use_stored_theta0_logits_and_the_union_of_forgotten_ids(
     assert tree_hashes(url, tmp_path / "u2.safetensors") == before and not (tmp_path / "u3.safetensors").exists()
     assert [e.id for e in read_ledger(AttributionStore.open(url))] == [1, 2]
 
-    # a cap on R and a forget weight reach the matching: R = 25 points, F ∪ R weighted to F's share
-    config = MatchingConfig(max_retain=25, forget_weight=0.5, min_steps=5, anneal_steps=0)
+    # a cap on R reaches the matching: R = 25 points
+    config = MatchingConfig(max_retain=25, min_steps=5, anneal_steps=0)
     fresh = np.setdiff1d(np.arange(data.n_train), union)[:1]
     union = np.union1d(union, fresh)
     unlearn_request(url, tmp_path / "u2.safetensors", fresh, out=tmp_path / "u4.safetensors", config=config)
     assert len(captured["inputs"]) == len(union) + 25
-    is_forget = np.isin(matching_points(union, data.n_train, 3.0, 0, max_retain=25), union)
-    assert torch.equal(captured["weights"], point_weights(is_forget, 0.5))
+    assert torch.equal(captured["inputs"], data.x_train[matching_points(union, data.n_train, 3.0, 0, max_retain=25)])
 
 
 def test_the_chain_refuses_any_model_but_the_latest(world, tmp_path):

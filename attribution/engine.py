@@ -276,8 +276,11 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
     The models are trained `group_size` at a time, one vectorised pass per group (None: as many as
     fit in memory, `group_size_for`). An MLP's result does not depend on its group bitwise with one torch
     thread; with more, a small group's matmuls may be split across threads otherwise, and other models'
-    convolutions run grouped otherwise: results agree to float rounding (≈ 1e-7). `channels_last` lays
-    images out channels-last (both trainers; a folded network's activations, `folded.fold`).
+    convolutions run grouped otherwise: results agree to float rounding (≈ 1e-7). On a GPU the kernels
+    round a group of 64 otherwise than one model (repeatably), and a ReLU that flips during training can
+    amplify that: 4 of 64 digits MLPs ended 1e-4 to 4.4e-3 apart in a logit (`benchmarks/bench_baselines.py`,
+    `retrain`). `channels_last` lays images out channels-last (both trainers; a folded network's
+    activations, `folded.fold`).
     """
     masks = torch.as_tensor(np.asarray(masks))
     seeds = [int(s) for s in seeds]

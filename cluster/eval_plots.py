@@ -84,10 +84,10 @@ def plot_klom_per_group(rows: list[dict], path: Path, direction: str, n_models: 
             for g, marker in GROUP_MARKERS.items():
                 ax.axvline(by_method["retrain"][f"klom95_{g}"], color="black", linestyle="--", linewidth=0.7)
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
-        ax.invert_yaxis()
         ax.set_title(f"forget set {_set_label(fs)}")
         ax.set_xlabel("KLoM, 95th percentile over points")
         ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()  # once: the panels share their y-axis, and a second inversion would undo it
     for g, marker in GROUP_MARKERS.items():
         axes[0][-1].scatter([], [], marker=marker, color="gray", label=GROUP_LABELS[g])
     axes[0][-1].legend(title="group (dashed: the floor)", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
@@ -137,10 +137,20 @@ HISTOGRAM_COLUMNS = 8
 ALWAYS_SHOWN = ("nothing", "retrain", "dm-direct", "dmm", "om")
 
 
+def histogram_range(oracle: np.ndarray, population: np.ndarray) -> tuple[float, float]:
+    """The margins a histogram panel spans: all of the oracles', and the population's within Tukey's far
+    fences (3 interquartile ranges beyond its quartiles), so that runaway models (a method that nearly
+    diverged on a quarter of its models: margins of 1e17) cannot squash the rest into one bin."""
+    q1, q3 = np.percentile(population, [25, 75])
+    low, high = max(population.min(), q1 - 3 * (q3 - q1)), min(population.max(), q3 + 3 * (q3 - q1))
+    return float(min(oracle.min(), low)), float(max(oracle.max(), high))
+
+
 def plot_margin_histograms(forget_set: str, oracle: np.ndarray, populations: dict[str, np.ndarray],
                            klom_values: dict[str, np.ndarray], points: np.ndarray, path: Path) -> None:
     """Oracle vs unlearned margin histograms at a few forget points (rows) for up to HISTOGRAM_COLUMNS
-    methods (columns): the ones in `ALWAYS_SHOWN`, then the rest by their mean KLoM at those points."""
+    methods (columns): the ones in `ALWAYS_SHOWN`, then the rest by their mean KLoM at those points; each
+    panel spans `histogram_range`, models beyond it counted in its title and drawn in its edge bins."""
     plt = _pyplot()
     shown = [m for m in populations if m in ALWAYS_SHOWN]
     others = sorted((m for m in populations if m not in ALWAYS_SHOWN), key=lambda m: float(klom_values[m][points].mean()))
@@ -150,11 +160,14 @@ def plot_margin_histograms(forget_set: str, oracle: np.ndarray, populations: dic
     for i, x in enumerate(points):
         for j, name in enumerate(names):
             ax = axes[i][j]
-            values = np.concatenate([oracle[:, x], populations[name][:, x]])
-            bins = np.linspace(values.min(), values.max() + 1e-9, 21)
+            population = populations[name][:, x]
+            lo, hi = histogram_range(oracle[:, x], population)
+            bins = np.linspace(lo, hi + 1e-9, 21)
+            outside = int(((population < lo) | (population > hi)).sum())
             ax.hist(oracle[:, x], bins, alpha=0.55, color="tab:gray", label="oracles")
-            ax.hist(populations[name][:, x], bins, alpha=0.55, color="tab:red", label=name)
-            ax.set_title(f"{name}: point {x}, KLoM {klom_values[name][x]:.2f}", fontsize=8)
+            ax.hist(np.clip(population, lo, hi), bins, alpha=0.55, color="tab:red", label=name)
+            ax.set_title(f"{name}: point {x}, KLoM {klom_values[name][x]:.2f}"
+                         + (f"\n{outside} model(s) beyond, drawn at the edges" if outside else ""), fontsize=8)
             ax.tick_params(labelsize=7)
             if i == len(points) - 1:
                 ax.set_xlabel("margin", fontsize=8)

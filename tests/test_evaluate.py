@@ -254,6 +254,22 @@ def test_a_model_factory_named_by_the_spec_needs_consent(tmp_path):
     assert "evil_factory_module" not in sys.modules and not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize("n_sets", [1, 2, 3])
+def test_klom_per_group_lists_the_methods_top_down_in_their_order_for_any_number_of_sets(tmp_path, monkeypatch, n_sets):
+    """The first method is at the top of every panel, whatever the number of panels (which share one y-axis:
+    inverting it once per panel left an even number of panels upright)."""
+    import cluster.eval_plots as eval_plots
+
+    figures = []
+    monkeypatch.setattr(eval_plots, "_save", lambda plt, fig, path, dpi: figures.append(fig))
+    rows = [{"forget_set": fs, "method": m, "klom95_forget": 5.0, "klom95_retain": 5.1, "klom95_heldout": 5.2}
+            for fs in SETS[:n_sets] for m in ("nothing", "retrain", "dmm")]
+    eval_plots.plot_klom_per_group(rows, tmp_path / "k.png", "oracle||unlearned", 20)
+    panels = figures[0].axes[:n_sets]
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["nothing", "retrain", "dmm"]  # at y = 0, 1, 2
+    assert all(ax.yaxis_inverted() for ax in panels)  # y = 0 at the top
+
+
 def test_a_plot_names_an_id_file_by_its_name_and_keeps_a_long_title_inside_the_image(tmp_path):
     """`ids:/…/forget_ids.txt` is drawn as `ids:forget_ids.txt` (other specs as given); the one-set KLoM panel
     is 4.4 + 1.5 in wide (649 px at 110 dpi), narrower than its title: the image widens instead of cutting it."""
@@ -269,3 +285,16 @@ def test_a_plot_names_an_id_file_by_its_name_and_keeps_a_long_title_inside_the_i
     plot_klom_per_group(rows, tmp_path / "k.png", "oracle||unlearned", 20)
     width = struct.unpack(">I", (tmp_path / "k.png").read_bytes()[16:20])[0]  # the PNG header's IHDR width
     assert width > 649
+
+
+def test_a_margin_histogram_spans_the_oracles_and_the_bulk_of_a_population_not_its_runaways():
+    """Oracle margins 0..9 and 38 models at 20..57: the panel spans 0 to 57 (every margin lies within the far
+    fences). With 12 more models at 1e17 the quartiles stay in the bulk, and the far fence q3 + 3·IQR (≈ 128)
+    bounds the panel, so the 12 runaways are clipped to its edge rather than squashing 50 models into one bin."""
+    from cluster.eval_plots import histogram_range
+
+    oracle = np.arange(10.0)
+    bulk = np.linspace(20.0, 57.0, 38)
+    assert histogram_range(oracle, bulk) == (0.0, 57.0)
+    lo, hi = histogram_range(oracle, np.concatenate([bulk, np.full(12, 1e17)]))
+    assert lo == 0.0 and hi < 1e3

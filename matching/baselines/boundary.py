@@ -20,13 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution.engine import cross_entropy_per_sample
-
 from ..errors import MatchingError
 from .config import SGDConfig, hp, require
 from .loop import CE, FORGET, INIT, Step, epoch_batches, order_seed, run
 from .registry import register_stacked
-from .stack import ModelStack, StackedResult, StackedTask
+from .stack import ModelStack, StackedResult, StackedTask, stacked_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ def nearest_wrong_labels(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, ep
     stack.base.eval()
     xs = x.to(stack.device).expand(stack.size, *x.shape).clone().requires_grad_(True)
     y = y.to(stack.device)
-    ce = cross_entropy_per_sample(stack.forward(xs).flatten(0, 1), y.repeat(stack.size), 0.0)
+    ce = stacked_cross_entropy(stack.forward(xs), y.expand(stack.size, -1))
     (g,) = torch.autograd.grad(ce.sum(), xs)
     with torch.no_grad():
         adversarial = (xs + epsilon * g.sign()).clamp(*bounds)

@@ -45,13 +45,13 @@ class Channels:
         return [torch.cat([values[n].reshape(*values[n].shape[:2], -1) for n in names], 2) for names, _ in self.modules]
 
     def sizes(self, stack: ModelStack) -> torch.Tensor:
-        """Parameters per channel (U,)."""
-        return torch.cat([torch.full((c,), sum(stack.params[n][0, 0].numel() for n in names), dtype=torch.long)
-                          for names, c in self.modules])
+        """Parameters per channel (U,), on the stack's device."""
+        return torch.cat([torch.full((c,), sum(stack.params[n][0, 0].numel() for n in names), dtype=torch.long,
+                                     device=stack.device) for names, c in self.modules])
 
-    def depth(self) -> torch.Tensor:
-        """The module index (0 = first) of each channel (U,)."""
-        return torch.cat([torch.full((c,), float(i)) for i, (_, c) in enumerate(self.modules)])
+    def depth(self, device) -> torch.Tensor:
+        """The module index (0 = first) of each channel (U,), on `device`."""
+        return torch.cat([torch.full((c,), float(i), device=device) for i, (_, c) in enumerate(self.modules)])
 
     def mask(self, chosen: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The entry masks (name → bool, shaped as `params`' (N, …)) of the chosen channels (N, U)."""

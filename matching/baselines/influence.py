@@ -21,12 +21,13 @@ import torch
 
 from .config import hp, require
 from .loop import order_seed
-from .per_sample import flatten, gradients, shared_points, unflatten
+from .per_sample import block_floats, flatten, gradients, shared_points, unflatten
 from .registry import register_stacked
 from .stack import ModelStack, StackedResult, StackedTask
 
 FISHER_STREAM = 8  # the random stream of a model's seed that draws M (loop.py's streams are 1-4, retrain's 7)
-GRAM_FLOATS = 2 ** 20  # a group's m × m Gram matrices: one model's at m = 1,000 (groups of 4 took 30 % longer)
+GRAM_FLOATS = 2 ** 20  # a group's m × m Gram matrices on a CPU: one model's at m = 1,000 (groups of 4 took 30 %
+                       # longer there); `block_floats` scales it on a GPU
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def in_float64(stack: ModelStack) -> ModelStack:
 def forget_gradient(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, forget_ids: np.ndarray) -> torch.Tensor:
     """v (N, P) = (1/n) Σ_{i∈F} ∇ℓ_i(θ0) over the n training points x, in eval mode."""
     points = shared_points(forget_ids, stack.size)
-    return gradients(stack, x, y, points).transpose_times(torch.ones(points.shape, dtype=x.dtype)) / len(x)
+    ones = torch.ones(points.shape, dtype=x.dtype, device=stack.device)
+    return gradients(stack, x, y, points).transpose_times(ones) / len(x)
 
 
 def inverse_fisher_product(g, v: torch.Tensor, damping: float) -> torch.Tensor:
@@ -77,10 +79,11 @@ def inverse_fisher_product(g, v: torch.Tensor, damping: float) -> torch.Tensor:
     return (v - g.transpose_times(coef)) / damping
 
 
-def model_groups(n_models: int, m: int) -> list[slice]:
-    """Slices of the model axis whose m × m Gram matrices (float64) fit in `GRAM_FLOATS` together: the
-    solve's work is per model, and a stack of large Gram matrices is slower than a few at a time."""
-    step = max(1, GRAM_FLOATS // (m * m))
+def model_groups(n_models: int, m: int, device) -> list[slice]:
+    """Slices of the model axis whose m × m Gram matrices (float64) fit in `block_floats(GRAM_FLOATS)`
+    together: on a CPU the solve's work is per model, and a stack of large Gram matrices is slower than a
+    few at a time."""
+    step = max(1, block_floats(GRAM_FLOATS, device) // (m * m))
     return [slice(s, s + step) for s in range(0, n_models, step)]
 
 
@@ -99,7 +102,7 @@ def influence_unlearning(task: StackedTask) -> StackedResult:
     points = fisher_points(task.data.n_train, c.fisher_samples, task.seeds)
     steps = [newton_step(ModelStack(stack.base, {k: v[g] for k, v in stack.params.items()},
                                     {k: v[g] for k, v in stack.buffers.items()}), x, y, task.forget_ids, points[g],
-                         c.damping) for g in model_groups(stack.size, points.shape[1])]
+                         c.damping) for g in model_groups(stack.size, points.shape[1], stack.device)]
     theta = flatten(task.stack.params)
     theta = theta + torch.cat([step for step, _ in steps]).to(theta.dtype)
     out = ModelStack(task.stack.base, unflatten(task.stack, theta), dict(task.stack.buffers))

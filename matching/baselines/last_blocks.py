@@ -44,20 +44,25 @@ class CFkConfig(LastBlocksConfig):
 
 
 def reinitialised(stack: ModelStack, names: list[str], seeds) -> ModelStack:
-    """A copy of `stack` whose modules owning `names` are re-initialised (`reset_parameters`), model n from seeds[n]."""
+    """A copy of `stack` whose modules owning `names` are re-initialised (`reset_parameters`), model n from seeds[n].
+    The draws are made on the CPU, whatever the stack's device, so a seed gives the same values everywhere."""
     out = stack.copy()
     prefixes = {n.rsplit(".", 1)[0] for n in names}
-    for n, seed in enumerate(seeds):
-        fresh = copy.deepcopy(stack.base).to_empty(device=stack.device)
+    keys = [k for k in {**out.params, **out.buffers} if k.rsplit(".", 1)[0] in prefixes]
+    fresh = {k: [] for k in keys}
+    for seed in seeds:
+        model = copy.deepcopy(stack.base).to_empty(device="cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(order_seed(seed, INIT))
-            for prefix, module in fresh.named_modules():
+            for prefix, module in model.named_modules():
                 if prefix in prefixes and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-        state = fresh.state_dict()
-        for key, value in {**out.params, **out.buffers}.items():
-            if key.rsplit(".", 1)[0] in prefixes:
-                value[n] = state[key]
+        state = model.state_dict()
+        for k in keys:
+            fresh[k].append(state[k])
+    for k in keys:
+        target = out.params if k in out.params else out.buffers
+        target[k] = torch.stack(fresh[k]).to(target[k].device, target[k].dtype)
     return out
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attribution.engine import StackedOptimizer, cross_entropy_per_sample, epoch_permutations
+from attribution.engine import StackedOptimizer, epoch_permutations
 from attribution.recipes import Recipe
 
 from .config import SGDConfig
-from .stack import ModelStack, StackedResult, StackedTask
+from .stack import ModelStack, StackedResult, StackedTask, stacked_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,7 @@ class CE:
         return replace(self, idx=self.idx.to(device), labels=self.labels.to(device))
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
-        ce = cross_entropy_per_sample(logits.flatten(0, 1), self.labels.flatten(), 0.0)
-        return self.weight * ce.view(self.labels.shape).mean(1)
+        return self.weight * stacked_cross_entropy(logits, self.labels).mean(1)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from attribution.engine import cross_entropy_per_sample
-
 from ..errors import MatchingError
-from .stack import ModelStack
+from .stack import ModelStack, stacked_cross_entropy
 
 
 def forget_gradients(stack: ModelStack, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -16,7 +14,7 @@ def forget_gradients(stack: ModelStack, x: torch.Tensor, y: torch.Tensor) -> dic
     stack.base.eval()
     params = {k: v.detach().requires_grad_(True) for k, v in stack.params.items()}
     logits = ModelStack(stack.base, params, stack.buffers).forward(x.expand(stack.size, *x.shape))
-    ce = cross_entropy_per_sample(logits.flatten(0, 1), y.repeat(stack.size), 0.0)
+    ce = stacked_cross_entropy(logits, y.expand(stack.size, -1))
     return dict(zip(params, torch.autograd.grad(ce.sum(), list(params.values()))))
 
 

@@ -19,7 +19,13 @@ from attribution.grouped_mlp import GroupedMLP, linear_chain
 
 from .stack import ModelStack
 
-CHUNK_FLOATS = 2 ** 22  # floats (16 MiB at float32) of G held at once (larger chunks are slower on a CPU)
+CHUNK_FLOATS = 2 ** 22  # floats (16 MiB at float32) of G held at once on a CPU (larger chunks are slower there)
+ACCELERATOR_SCALE = 64  # on a GPU, blocks this many times larger: there one large batched op beats many small ones
+
+
+def block_floats(floats: int, device) -> int:
+    """A block budget tuned on a CPU (`floats`), scaled by `ACCELERATOR_SCALE` on any other device."""
+    return floats if torch.device(device).type == "cpu" else floats * ACCELERATOR_SCALE
 
 
 class SampleGradients:
@@ -28,7 +34,7 @@ class SampleGradients:
     def __init__(self, stack: ModelStack, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         self.stack, self.x, self.y, self.idx = stack, x, y, idx
         n_params = sum(v[0].numel() for v in stack.params.values())
-        step = max(1, CHUNK_FLOATS // (stack.size * n_params))
+        step = max(1, block_floats(CHUNK_FLOATS, stack.device) // (stack.size * n_params))
         self.slices = [slice(s, min(s + step, idx.shape[1])) for s in range(0, idx.shape[1], step)]
         self._only = None  # the single chunk, kept when all points fit in one
         self.computed = 0  # per-sample gradients computed per model so far (a chunk may be recomputed)
@@ -143,12 +149,12 @@ def gradients(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, idx: torch.Te
 
 def squares(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, ids) -> torch.Tensor:
     """Σ_{j∈ids} g_j² (N, P) over points every model shares: for a chain a chunk of points at a time, each
-    chunk's factors (N · Σ_l (in_l + out_l) floats a point) within `CHUNK_FLOATS`."""
+    chunk's factors (N · Σ_l (in_l + out_l) floats a point) within `block_floats(CHUNK_FLOATS)`."""
     layers = linear_chain(stack.base)
     if layers is None:  # SampleGradients holds its own chunks
         return gradients(stack, x, y, shared_points(ids, stack.size)).squares()
     width = sum(sum(stack.params[f"{name}.weight"].shape[1:]) for name in layers)
-    step = max(1, CHUNK_FLOATS // (stack.size * width))
+    step = max(1, block_floats(CHUNK_FLOATS, stack.device) // (stack.size * width))
     ids = torch.as_tensor(ids, dtype=torch.long)
     return sum(ChainGradients(stack, layers, x, y, shared_points(ids[s:s + step], stack.size)).squares()
                for s in range(0, len(ids), step))

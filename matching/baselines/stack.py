@@ -104,6 +104,15 @@ class ModelStack:
         return model.eval()
 
 
+def stacked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE (N, b) of each model's logits (N, b, k) at its labels (N, b): a log-softmax over the class axis of
+    each model's own (k, b) slab (class-major, fast on a CPU as `cross_entropy_per_sample`), so that model n's
+    values are bitwise those of the model run alone; one (k, N·b) array would put its points in other
+    vector lanes, and round them otherwise, for another N."""
+    logp = torch.log_softmax(logits.transpose(1, 2).contiguous(), dim=1)
+    return -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
 @dataclass(frozen=True)
 class StackedTask:
     """What a stacked method may use: N models, the data, F and the hyperparameters.

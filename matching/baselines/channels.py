@@ -49,9 +49,10 @@ class Channels:
         return torch.cat([torch.full((c,), sum(stack.params[n][0, 0].numel() for n in names), dtype=torch.long,
                                      device=stack.device) for names, c in self.modules])
 
-    def depth(self, device) -> torch.Tensor:
-        """The module index (0 = first) of each channel (U,), on `device`."""
-        return torch.cat([torch.full((c,), float(i), device=device) for i, (_, c) in enumerate(self.modules)])
+    def depth(self, stack: ModelStack) -> torch.Tensor:
+        """The module index (0 = first) of each channel, for every model of `stack` (N, U), on its device."""
+        depth = torch.cat([torch.full((c,), float(i), device=stack.device) for i, (_, c) in enumerate(self.modules)])
+        return depth.expand(stack.size, -1)
 
     def mask(self, chosen: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The entry masks (name → bool, shaped as `params`' (N, …)) of the chosen channels (N, U)."""

@@ -29,10 +29,8 @@ from .stack import ModelStack, StackedResult, StackedTask
 
 LOCALISATIONS = {  # name -> (stack, F's inputs, F's labels, budget) -> trainable map
     "del": lambda stack, x, y, budget: channel_mask(stack, criticality(stack, forget_gradients(stack, x, y)), budget),
-    "deepest": lambda stack, x, y, budget: channel_mask(stack, Channels.of(stack).depth(stack.device).expand(stack.size, -1),
-                                                        budget),
-    "shallowest": lambda stack, x, y, budget: channel_mask(stack, -Channels.of(stack).depth(stack.device).expand(stack.size, -1),
-                                                           budget),
+    "deepest": lambda stack, x, y, budget: channel_mask(stack, Channels.of(stack).depth(stack), budget),
+    "shallowest": lambda stack, x, y, budget: channel_mask(stack, -Channels.of(stack).depth(stack), budget),
     "salloc": saliency_mask,
 }
 GRADIENT_FREE = ("deepest", "shallowest")

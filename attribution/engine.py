@@ -33,6 +33,7 @@ from .evaluation import model_logits
 from .grouped_mlp import GroupedMLP, linear_chain
 from .models import build_model
 from .recipes import Recipe
+from .stacked_optimizer import StackedOptimizer
 from .errors import DmmError
 
 
@@ -163,61 +164,6 @@ def _batch_plan(masks: torch.Tensor, order_seeds, recipe: Recipe):
     return index, weight, torch.from_numpy(lr_factor), torch.from_numpy(np.broadcast_to(active, t.shape).copy())
 
 
-class StackedOptimizer:
-    """SGD (momentum, Nesterov) and Adam on (B, ...) stacked parameters, matching `torch.optim`.
-
-    Weight decay is coupled (added to the gradient), as in `torch.optim.SGD/Adam`. A model that is
-    inactive at a step (its epoch has fewer batches) keeps its parameters and optimiser state.
-    """
-
-    def __init__(self, params: list[torch.Tensor], recipe: Recipe):
-        self.params, self.recipe = params, recipe
-        self.buf = [torch.zeros_like(p) for p in params]
-        self.sq = [torch.zeros_like(p) for p in params] if recipe.optimizer == "adam" else None
-        self.steps = torch.zeros(params[0].shape[0], dtype=torch.float64, device=params[0].device)
-
-    @torch.no_grad()
-    def step(self, grads: list[torch.Tensor], lr: torch.Tensor, active: torch.Tensor) -> None:
-        """Apply the step with per-model learning rates lr (B,); `grads` may be overwritten."""
-        r, params = self.recipe, self.params
-        self.steps += active
-        state = params + self.buf + (self.sq or [])
-        saved = None if bool(active.all()) else [t.clone() for t in state]
-        neg_lr = [self._per_model(-lr, p) for p in params]
-        if r.weight_decay:
-            torch._foreach_add_(grads, params, alpha=r.weight_decay)
-        if r.optimizer == "sgd":
-            if r.momentum > 0:
-                torch._foreach_mul_(self.buf, r.momentum)
-                torch._foreach_add_(self.buf, grads)
-                if r.nesterov:
-                    torch._foreach_add_(grads, self.buf, alpha=r.momentum)
-                else:
-                    grads = self.buf
-            torch._foreach_addcmul_(params, grads, neg_lr)
-        else:
-            b1, b2 = r.betas
-            t = self.steps.clamp(min=1)
-            torch._foreach_lerp_(self.buf, grads, 1 - b1)
-            torch._foreach_mul_(self.sq, b2)
-            torch._foreach_addcmul_(self.sq, grads, grads, value=1 - b2)
-            denom = torch._foreach_sqrt(self.sq)
-            torch._foreach_div_(denom, [self._per_model((1 - b2 ** t).sqrt(), p) for p in params])
-            torch._foreach_add_(denom, r.eps)
-            update = torch._foreach_div(self.buf, denom)
-            torch._foreach_mul_(update, [self._per_model(-lr / (1 - b1 ** t), p) for p in params])
-            torch._foreach_add_(params, update)
-        if saved is not None:  # models without a batch at this step keep parameters and state
-            for current, old in zip(state, saved):
-                current.copy_(torch.where(self._per_model(active, current), current, old))
-
-    @staticmethod
-    def _per_model(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A (B,) per-model vector shaped to broadcast over a stacked (B, ...) tensor."""
-        v = v.view((-1,) + (1,) * (like.dim() - 1))
-        return v if v.dtype == torch.bool else v.to(like.dtype)
-
-
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """`F.cross_entropy(..., reduction="none", label_smoothing=ε)` for (N, k) logits, computed class-major.
 
@@ -276,11 +222,11 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
     The models are trained `group_size` at a time, one vectorised pass per group (None: as many as
     fit in memory, `group_size_for`). An MLP's result does not depend on its group bitwise with one torch
     thread; with more, a small group's matmuls may be split across threads otherwise, and other models'
-    convolutions run grouped otherwise: results agree to float rounding (≈ 1e-7). On a GPU the kernels
-    round a group of 64 otherwise than one model (repeatably), and a ReLU that flips during training can
-    amplify that: 4 of 64 digits MLPs ended 1e-4 to 4.4e-3 apart in a logit (`benchmarks/bench_baselines.py`,
-    `retrain`). `channels_last` lays images out channels-last (both trainers; a folded network's
-    activations, `folded.fold`).
+    convolutions run grouped otherwise: results agree to float rounding (≈ 1e-7). On a GPU an MLP's last
+    group is padded to full width (`group_indices`), so a model's result does not depend on how many
+    are trained with it; other networks' kernels round a group otherwise than one model, and a ReLU that
+    flips during training amplifies that. `channels_last` lays images out channels-last (both trainers; a
+    folded network's activations, `folded.fold`).
     """
     masks = torch.as_tensor(np.asarray(masks))
     seeds = [int(s) for s in seeds]
@@ -304,11 +250,32 @@ def train_batched(model_name: str, data: Dataset, recipe: Recipe, seeds, masks,
     if group_size is None:
         group_size = (DEFAULT_GROUP_SIZE if forward is None else
                       group_size_for(models[0], data.x_train, recipe.batch_size, device))
-    results = [_train_group(models[lo:lo + group_size], seeds[lo:lo + group_size], masks[lo:lo + group_size],
-                            data, recipe, device, augment, forward)
-               for lo in range(0, len(seeds), group_size)]
-    state = {k: torch.cat([r.state[k] for r in results]) for k in results[0].state}
-    return BatchedResult(state, torch.cat([r.logits for r in results]), group_size)
+    groups = group_indices(len(seeds), group_size, forward is None and pads_groups(device))
+    results = [_train_group([models[i] for i in g], [seeds[i] for i in g], masks[g], data, recipe, device, augment,
+                            forward) for g in groups]
+    state = {k: torch.cat([r.state[k] for r in results])[:len(seeds)] for k in results[0].state}
+    return BatchedResult(state, torch.cat([r.logits for r in results])[:len(seeds)], group_size)
+
+
+FULL_GROUP_DEVICES = ("cuda",)  # where a Linear/ReLU chain's groups all run at full width
+
+
+def pads_groups(device) -> bool:
+    """Whether a Linear/ReLU chain's last group is padded to full width on `device` (`group_indices`)."""
+    return torch.device(device).type in FULL_GROUP_DEVICES
+
+
+def group_indices(count: int, width: int, full: bool) -> list[list[int]]:
+    """The models of each vectorised pass over `count` models, `width` at a time; with `full`, the last group
+    is filled to `width` with copies of its last model (drop them from the result after the pass).
+
+    A GPU's batched matmul picks its kernels by the number of models it holds (one model: another split of
+    the sums than 64), so a model's rounding would depend on how many ran with it; at full width every
+    model meets the same kernels. A small MLP's step on a GPU is bound by kernel launches, not flops."""
+    groups = [list(range(lo, min(lo + width, count))) for lo in range(0, count, width)]
+    if full:
+        groups[-1] += groups[-1][-1:] * (width - len(groups[-1]))
+    return groups
 
 
 def _stacked_forward(model: nn.Module, x: torch.Tensor, channels_last: bool) -> Folded | StackedForward | None:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import matching.baselines.per_sample as per_sample
+import matching.baselines.registry as registry
+from attribution import engine
 from attribution.datasets import load_dataset
 from attribution.engine import train_batched
 from attribution.models import build_model
@@ -124,16 +126,43 @@ def three_originals(data):
     return ModelStack(build_model("mlp", data.input_shape, data.num_classes, 0).to("meta"), dict(trained.state), {})
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("name", sorted(STACKED_METHODS))
-def test_a_stacked_run_gives_each_model_bitwise_what_it_gets_alone(data, three_originals, name):
+def test_a_stacked_run_gives_each_model_bitwise_what_it_gets_alone(data, three_originals, name, device):
     """With one torch thread, every stackable method's N models are bitwise the N = 1 runs (`dmm unlearn`'s):
     no op mixes models, and none rounds a model's values by where they sit in the stack. F = every 29th id
-    leaves a last batch of 43 retain points, which a class-major CE over all N·b points rounded otherwise."""
+    leaves a last batch of 43 retain points, which a class-major CE over all N·b points rounded otherwise.
+    On a GPU this holds through the full-width groups (`registry.in_full_groups`)."""
     torch.set_num_threads(1)
     forget, recipe, config = np.arange(0, data.n_train, 29), default_recipe("digits", "mlp"), METHOD_CONFIGS[name]()
-    together = STACKED_METHODS[name](StackedTask(three_originals, data, forget, config, (0, 1, 2), "mlp", recipe))
+    originals = ModelStack(three_originals.base, {k: v.to(device) for k, v in three_originals.params.items()}, {})
+    together = STACKED_METHODS[name](StackedTask(originals, data, forget, config, (0, 1, 2), "mlp", recipe))
     for n in range(3):
-        alone = ModelStack(three_originals.base, {k: v[n:n + 1].clone() for k, v in three_originals.params.items()}, {})
+        alone = ModelStack(originals.base, {k: v[n:n + 1].clone() for k, v in originals.params.items()}, {})
         result = STACKED_METHODS[name](StackedTask(alone, data, forget, config, (n,), "mlp", recipe))
         for k, v in result.stack.params.items():
             assert torch.equal(together.stack.params[k][n], v[0]), f"{name}: model {n}'s {k}"
+
+
+def test_full_groups_give_each_model_what_it_gets_unpadded(data, three_originals, monkeypatch):
+    """The GPU's full-width groups (`in_full_groups`) forced on the CPU at width 2: three models run as groups
+    [0, 1] and [2, 2] with their own seeds (the copy takes model 2's), the copy is dropped, and every model's
+    parameters and the stats are bitwise the unpadded run's."""
+    seen = []
+
+    def recording(task):
+        seen.append((task.seeds, [torch.equal(task.stack.params["1.bias"][i], three_originals.params["1.bias"][n])
+                                  for i, n in enumerate(task.seeds)]))
+        return STACKED_METHODS["finetune"](task)
+
+    forget, recipe = np.arange(0, data.n_train, 29), default_recipe("digits", "mlp")
+    task = StackedTask(three_originals, data, forget, METHOD_CONFIGS["finetune"](), (0, 1, 2), "mlp", recipe)
+    plain = STACKED_METHODS["finetune"](task)
+    monkeypatch.setattr(engine, "FULL_GROUP_DEVICES", ("cpu",))
+    monkeypatch.setattr(registry, "GROUP_WIDTH", 2)
+    padded = registry.in_full_groups(recording)(task)
+    assert seen == [((0, 1), [True, True]), ((2, 2), [True, True])]
+    assert padded.stats == plain.stats
+    for k, v in plain.stack.params.items():
+        assert padded.stack.params[k].shape == v.shape and torch.equal(padded.stack.params[k], v), k

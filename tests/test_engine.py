@@ -11,6 +11,7 @@ from torch import nn
 from attribution.datasets import load_dataset
 from torch.func import stack_module_state
 
+from attribution import engine
 from attribution.engine import TrainingError, derive_seeds, train_batched, train_model
 from attribution.grouped_mlp import GroupedMLP, linear_chain
 from attribution.models import MATMUL_MAX_BATCH, MatmulConv1d, build_model, mlp
@@ -161,6 +162,35 @@ def test_result_does_not_depend_on_the_grouping(digits, threads):
     for k in one.state:
         torch.testing.assert_close(split.state[k], one.state[k], **tol)
     torch.testing.assert_close(split.logits, one.logits, **tol)
+
+
+def test_padding_the_last_group_to_full_width_changes_no_model(digits, monkeypatch):
+    """The GPU's padding (copies of the last model fill the last group) run on the CPU: the real models'
+    states and logits are bitwise those of the unpadded run (one thread), and the copies are dropped."""
+    torch.set_num_threads(1)  # restored after the test (conftest)
+    recipe = short(default_recipe("digits"), 2)
+    masks = unequal_masks(digits.n_train, [300, 500, 700])
+    plain = train_batched("mlp", digits, recipe, [1, 2, 3], masks, group_size=2)
+    monkeypatch.setattr(engine, "FULL_GROUP_DEVICES", ("cpu",))
+    padded = []
+    real = engine._train_group
+    monkeypatch.setattr(engine, "_train_group", lambda models, *a: padded.append(len(models)) or real(models, *a))
+    full = train_batched("mlp", digits, recipe, [1, 2, 3], masks, group_size=2)
+    assert padded == [2, 2]
+    assert full.logits.shape[0] == 3 and all(v.shape[0] == 3 for v in full.state.values())
+    assert torch.equal(full.logits, plain.logits)
+    assert all(torch.equal(full.state[k], plain.state[k]) for k in plain.state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_an_mlp_does_not_depend_on_how_many_models_train_with_it(digits):
+    recipe = short(default_recipe("digits"), 5)
+    masks = unequal_masks(digits.n_train, [900, 1000, 1100])
+    together = train_batched("mlp", digits, recipe, [1, 2, 3], masks, device="cuda")
+    for b, seed in enumerate([1, 2, 3]):
+        alone = train_batched("mlp", digits, recipe, [seed], masks[b:b + 1], device="cuda")
+        assert torch.equal(alone.logits[0], together.logits[b])
+        assert all(torch.equal(alone.state[k][0], together.state[k][b]) for k in alone.state)
 
 
 def test_no_gradient_from_points_outside_the_mask(digits):

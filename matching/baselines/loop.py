@@ -2,7 +2,7 @@
 
 A method is a plan: a list of steps, each a signed sum of loss terms on minibatches of training ids
 (one (N, b) index tensor per term: model n uses row n), optionally plus an ℓ1 penalty. `descend`
-takes the steps with SGD (`attribution.engine.StackedOptimizer`, i.e. `torch.optim.SGD` on stacked
+takes the steps with SGD (`attribution.stacked_optimizer.StackedOptimizer`, i.e. `torch.optim.SGD` on stacked
 tensors) on a copy of the stack, with the gradients of `ModelStack.gradient_function` (backpropagated by
 hand through a linear chain, as the engine trains). Parameters outside `trainable` never move; a partly
 trainable tensor's frozen entries are put back after every step, so weight decay and momentum cannot move them.
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attribution.engine import StackedOptimizer, epoch_permutations
+from attribution.engine import epoch_permutations
+from attribution.stacked_optimizer import StackedOptimizer
 from attribution.recipes import Recipe
 
 from .config import SGDConfig

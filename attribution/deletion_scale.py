@@ -36,6 +36,7 @@ from .datasets import Dataset
 from .engine import train_batched
 from .errors import DmmError
 from .fit_group import FitGroup
+from .forget_spread import forget_spread, margins_of, masked_variance, subset_variances
 from .models import require_consent
 from .recipes import Recipe
 from .subsets import block_seeds, block_subsets
@@ -58,10 +59,12 @@ class DeletionScale:
     targets: int        # how many fitted targets x the fit pools
     correlation: float  # of y and its fit c_self·p^self + c_cross·p^cross (centred), over the pooled (j, x, k)
     full_models: int = 0  # K (0: no size term)
+    spread_gamma: float = 0.0  # γ of the forget spread s_x (attribution/forget_spread.py)
     size_effect: np.ndarray | None = field(default=None, compare=False, repr=False)  # n·γ'_x (|T|, k), not an attr
+    forget_spread: np.ndarray | None = field(default=None, compare=False, repr=False)  # s_x (n_train,), not an attr
 
     def to_attrs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "size_effect"}
+        return {k: v for k, v in asdict(self).items() if k not in ("size_effect", "forget_spread")}
 
     @property
     def size_rms(self) -> float:
@@ -106,28 +109,32 @@ def size_effect(full_mean: np.ndarray, bias: np.ndarray, total: np.ndarray, own:
     return (full_mean - bias - alpha * total) / (1 - alpha) - c_cross * (total - own) - c_self * own
 
 
-def _full_data_size_effect(fit: FitGroup, data: Dataset, full_models: int, c_self: float, c_cross: float,
-                           device: str) -> np.ndarray:
-    """n·γ'_x of every fitted target, from K models trained on all of S (the store's model, recipe and seed)."""
+def _full_data_logits(fit: FitGroup, data: Dataset, full_models: int, device: str) -> np.ndarray:
+    """Logits (K, p, k) of K models trained on all of S (the store's model, recipe and seed), float64."""
     spec = fit.store.spec
     everything = np.ones((full_models, data.n_train), dtype=bool)
     seeds = block_seeds(spec.seed, CALIBRATION_BLOCK + 1, full_models)
     trained = train_batched(spec.model, data, Recipe.from_dict(spec.recipe), seeds, everything, device)
-    full_mean = trained.logits[:, fit.fitted_points()].cpu().numpy().astype(np.float64).mean(axis=0)
-    rows = np.arange(data.n_train)
+    return trained.logits.cpu().numpy().astype(np.float64)
+
+
+def _full_data_size_effect(fit: FitGroup, full_mean: np.ndarray, c_self: float, c_cross: float) -> np.ndarray:
+    """n·γ'_x of every fitted target from the full-data models' mean logits ȳ(S) on the fitted targets."""
+    rows = np.arange(fit.store.spec.n_train)
     total, own_rows = fit.sum_and_own_rows(rows)
     own = np.zeros_like(total)
     columns = fit.target_columns(rows)
     own[columns[columns >= 0]] = own_rows[columns >= 0]
-    return size_effect(full_mean, fit.read_bias().astype(np.float64), total, own, spec.alpha, c_self, c_cross)
+    return size_effect(full_mean, fit.read_bias().astype(np.float64), total, own, fit.store.spec.alpha, c_self,
+                       c_cross)
 
 
 def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, alpha: float = CALIBRATION_ALPHA,
               max_targets: int = 1024, device: str = "cpu", trust_code: bool = False,
               full_models: int = CALIBRATION_FULL_MODELS) -> DeletionScale:
-    """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross, then K on all
-    of S for the size effect (K = 0: none); nothing is written. A `module:callable` model named by the store is
-    imported only with `trust_code`."""
+    """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross and the forget
+    spread (γ, s_x), then K on all of S for the size effect (K = 0: none); nothing is written. A
+    `module:callable` model named by the store is imported only with `trust_code`."""
     spec = fit.store.spec
     require_consent(spec.model, f"store {fit.store.url}", trust_code)
     if models < 2 or full_models < 0:
@@ -146,5 +153,13 @@ def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, al
     trained = train_batched(spec.model, data, Recipe.from_dict(spec.recipe), seeds, masks, device)
     observed = trained.logits[:, points].cpu().numpy().astype(np.float64)
     c_self, c_cross, correlation = least_squares_scales(observed, own, predicted - own)
-    size = _full_data_size_effect(fit, data, full_models, c_self, c_cross, device) if full_models else None
-    return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation, full_models, size)
+    full = _full_data_logits(fit, data, full_models, device) if full_models else None
+    size = None if full is None else _full_data_size_effect(fit, full[:, fit.fitted_points()].mean(axis=0), c_self,
+                                                            c_cross)
+    labels, n = data.y_train.numpy(), data.n_train
+    if full_models >= 2:  # seed-only variance, as the retrained models': all of them train on the same set
+        reference = masked_variance(margins_of(full[:, :n], labels), np.ones((full_models, n), dtype=bool))
+    else:  # the α'-models', whose subsets differ too: a little above it
+        reference = masked_variance(margins_of(trained.logits[:, :n].cpu().numpy(), labels), masks)
+    gamma, spread = forget_spread(*subset_variances(fit.store, labels), reference)
+    return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation, full_models, gamma, size, spread)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 FIT_PREFIXES = ("datamodels", "trak")
 DELETION_SCALE = "deletion_scale"  # the group attr `dmm calibrate` writes (attribution/deletion_scale.py)
 SIZE_EFFECT = "size_effect"        # and the array of n·γ'_x it writes beside it when it trained full-data models
+FORGET_SPREAD = "forget_spread"    # and the array of s_x (attribution/forget_spread.py)
 ROW_BATCH = 256  # rows summed per read, bounding memory at ROW_BATCH × n_points × k
 
 
@@ -226,16 +227,28 @@ class FitGroup:
             return None
         return np.asarray(self.store.group[self.prefix][SIZE_EFFECT][...], dtype=np.float64)
 
-    def write_deletion_scale(self, record: dict, size_effect: np.ndarray | None = None) -> None:
-        """Keep `dmm calibrate`'s result in the group's attrs, and its size effect (|T|, k) beside them (the driver
-        writes both, once per calibration: the array first, so the record never names a missing one)."""
+    @property
+    def forget_spread(self) -> np.ndarray | None:
+        """s_x per training point, float32 (n_train,) (attribution/forget_spread.py); None if the calibration
+        measured none (a record without `spread_gamma`: an older one)."""
+        if "spread_gamma" not in self.attrs.get(DELETION_SCALE, {}):
+            return None
+        return np.asarray(self.store.group[self.prefix][FORGET_SPREAD][...])
+
+    def write_deletion_scale(self, record: dict, size_effect: np.ndarray | None = None,
+                             forget_spread: np.ndarray | None = None) -> None:
+        """Keep `dmm calibrate`'s result in the group's attrs, and its size effect (|T|, k) and forget spread (n_train,)
+        beside them (the driver writes them, once per calibration: the arrays first, so the record never names a
+        missing one)."""
         self.store._require_writable()
         group = self.store.group[self.prefix]
-        if size_effect is not None:
-            group.create_array(SIZE_EFFECT, data=np.asarray(size_effect, dtype=np.float32), overwrite=True,
-                               chunks=size_effect.shape, compressors=COMPRESSORS, config=ARRAY_CONFIG,
-                               attributes=array_attrs(self.store.spec.fingerprint, "n·γ'_x: the training set size's "
-                                                      "effect on (x, c), per point added, times n"))
+        for name, array, doc in ((SIZE_EFFECT, size_effect, "n·γ'_x: the training set size's effect on (x, c), per "
+                                  "point added, times n"),
+                                 (FORGET_SPREAD, forget_spread, "s_x: a retrained model's extra margin sd on x")):
+            if array is not None:
+                group.create_array(name, data=np.asarray(array, dtype=np.float32), overwrite=True, chunks=array.shape,
+                                   compressors=COMPRESSORS, config=ARRAY_CONFIG,
+                                   attributes=array_attrs(self.store.spec.fingerprint, doc))
         group.attrs.update({DELETION_SCALE: record})
         self.attrs[DELETION_SCALE] = record
 

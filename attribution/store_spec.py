@@ -64,12 +64,17 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
     ("`datamodels/size_effect`", "p × k", "float32", "p × k",
      "n·γ'_{x,c}: the training set size's effect, written by `dmm calibrate --full-models K` (K > 0) with the "
      "group attr `deletion_scale`, which names K; DM-Direct subtracts \\|F\\|·γ'"),
+    ("`datamodels/forget_spread`", "n", "float32", "n",
+     "s_x: a retrained model's extra margin sd on training point x (attribution/forget_spread.py), written by "
+     "`dmm calibrate` with `deletion_scale`, whose spread_gamma is its γ; DMM's `--spread a` adds a·s_x·N(0, 1) "
+     "to the true-class targets of F"),
     ("`datamodels/` (group attrs)", "—", "—", "—",
      "kind, target_chunk, row_chunk, the fit's config; `deletion_scale` once `dmm calibrate` ran: scale_self, "
-     "scale_cross, models, alpha, targets, correlation, full_models (a refit drops it and `size_effect`: c = 1)"),
+     "scale_cross, models, alpha, targets, correlation, full_models, spread_gamma (a refit drops it, `size_effect` "
+     "and `forget_spread`: c = 1)"),
     ("`trak/*`", "as `datamodels/*`", "as `datamodels/*`", "as `datamodels/*`",
      "the same matrices estimated by TRAK; attr config.calibration_blocks: the subset blocks it calibrates on; "
-     "its own `deletion_scale` and `size_effect`"),
+     "its own `deletion_scale`, `size_effect` and `forget_spread`"),
     ("`trak/checkpoints/<name>`", "C × shape", "as the model", "C × shape",
      "state-dict entry `name` of the C checkpoints TRAK scores with (attrs count, names set after data)"),
     ("`original/logits`", "p × k", "float32", "p × k",

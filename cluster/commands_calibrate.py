@@ -19,7 +19,7 @@ def calibrate_store(url: str, attribution: str = "datamodels", models: int = CAL
     fit = fitted_group(AttributionStore.open(url, mode="r+"), attribution)
     result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device, trust_code=trust_code,
                        full_models=full_models)
-    fit.write_deletion_scale(result.to_attrs(), result.size_effect)
+    fit.write_deletion_scale(result.to_attrs(), result.size_effect, result.forget_spread)
     return result
 
 
@@ -28,7 +28,8 @@ def calibrate_cmd(args) -> int:
                         args.full_models)
     size = f"; size effect from {r.full_models} models on all of S (rms n·γ' {r.size_rms:.3f})" if r.full_models else ""
     print(f"calibrate: deletion scales c_self = {r.scale_self:.4f}, c_cross = {r.scale_cross:.4f} ({r.models} "
-          f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}){size} -> "
+          f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}){size}; forget "
+          f"spread γ = {r.spread_gamma:.3f}, mean s_x {r.forget_spread.mean():.3f} -> "
           f"{args.store}/{args.attribution}; DM-Direct now predicts h(x) = f_x(θ0) − c_cross·Σ_F β − "
           f"(c_self − c_cross)·β_xx·[x ∈ F]" + (" − |F|·γ'_x" if r.full_models else ""))
     return 0

@@ -43,7 +43,8 @@ MATCHING_DOCS = {
     "max_steps": "optimiser steps at most",
     "tol": "converged when the best matching loss fell by < tol × its start over --patience epochs",
     "patience": "epochs of the convergence window",
-    "seed": "draws the retain points and batch order",
+    "seed": "draws the retain points, the batch order and dmm's spread",
+    "spread": "dmm: a, adding a·s_x·N(0, 1) to F's true-class targets (s_x: `dmm calibrate`; 0: DM-Direct's mean)",
 }
 
 

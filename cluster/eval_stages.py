@@ -95,14 +95,15 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
 
 
 def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
-    """Give the store's β the deletion scales of M models on α'-subsets and the size effect of K models on all of S
-    (kept if it has them); record them."""
+    """Give the store's β the deletion scales of M models on α'-subsets, the size effect of K models on all of S and
+    the forget spread (kept if it has them all); record them."""
     from .commands_calibrate import calibrate_store
 
     fit = fitted_group(_store(inputs), config["source"])
     have = fit.attrs.get(DELETION_SCALE, {})
     asked = (config["models"], config["alpha"], config["full_models"])
-    if config["models"] and (have.get("models"), have.get("alpha"), have.get("full_models", 0)) != asked:
+    if config["models"] and ((have.get("models"), have.get("alpha"), have.get("full_models", 0)) != asked
+                             or "spread_gamma" not in have):
         have = calibrate_store(fit.store.url, config["source"], config["models"], config["alpha"],
                                trust_code=True,  # the spec had consent for the store's model (experiment_stages)
                                full_models=config["full_models"]).to_attrs()

@@ -95,10 +95,10 @@ def _attribution_config(spec: ExperimentSpec, out: Path, data) -> dict:
 
 
 def calibration_config(a: AttributionSource, url: str) -> dict:
-    """The calibration stage's config: M, α', K and the source; with M = 0 the store's record (read now), which it
-    keeps."""
+    """The calibration stage's config: M, α', K and the source (and that it measures the forget spread: a cache from
+    before it did recalibrates); with M = 0 the store's record (read now), which it keeps."""
     config = {"source": a.source, "models": a.calibration_models, "alpha": a.calibration_alpha,
-              "full_models": a.calibration_full_models}
+              "full_models": a.calibration_full_models, "forget_spread": True}
     if a.calibration_models == 0 and _store_exists(url):
         store = AttributionStore.open(url, "r")
         config["store_calibration"] = (store.fit_group(a.source).attrs.get(DELETION_SCALE)

@@ -99,3 +99,22 @@ def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attributio
         model, _ = load_store_model(model_path, store, data, trust_code=trust_code)
         original = model_logits(model, data.all_inputs()).numpy()
     return dm_direct_targets(store, ids, attribution, original)
+
+
+SPREAD_STREAM = 1  # z_x's stream of the request's seed (R's draw is the seed's own)
+
+
+def with_forget_spread(targets: np.ndarray, fit: FitGroup, forget_ids, labels: np.ndarray, scale: float,
+                       seed: int) -> np.ndarray:
+    """h with a·s_x·z_x added to the true-class logit of every x ∈ F, z_x ~ N(0, 1) drawn from `seed`
+    (attribution/forget_spread.py): a draw of the retrained models' margins around DM-Direct's mean."""
+    spread = fit.forget_spread
+    if spread is None:
+        raise MatchingError(f"spread {scale}: {fit.prefix}/ of {fit.store.url} has no forget spread (calibrated before "
+                            f"it existed, or never); fix: rerun `dmm calibrate --store {fit.store.url} --attribution "
+                            f"{fit.prefix}`, or use spread 0")
+    forget_ids = np.asarray(forget_ids, dtype=np.int64)
+    z = np.random.default_rng([seed, SPREAD_STREAM]).standard_normal(len(forget_ids))
+    out = np.array(targets, copy=True)
+    out[forget_ids, labels[forget_ids]] += (scale * spread[forget_ids] * z).astype(out.dtype)
+    return out

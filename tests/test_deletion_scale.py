@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from fixtures_store import copy_store, digits_store, tree_hashes
 from test_matching import synthetic_store
 
 from attribution.deletion_scale import CALIBRATION_BLOCK, calibrate, least_squares_scales, size_effect
 from attribution.engine import train_model
 from attribution.errors import DmmError
-from attribution.evaluation import model_logits
+from attribution.evaluation import margins, model_logits
+from attribution.forget_spread import subset_variances
 from attribution.store import AttributionStore
 from attribution.subsets import block_seeds, block_subsets
 from matching.direct import dm_direct_targets
@@ -120,8 +122,9 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
     assert 0.3 < result.scale_cross < 1.5  # the datamodels do predict a deletion's effect, to a scale
 
     # the size effect: two models on all of S, alone; β summed row by row over S
-    full = np.mean([model_logits(train_model(fixture.model, data, fixture.recipe, int(seed)), data.all_inputs())
-                    .numpy().astype(np.float64) for seed in block_seeds(store.spec.seed, CALIBRATION_BLOCK + 1, 2)], 0)
+    fulls = [model_logits(train_model(fixture.model, data, fixture.recipe, int(seed)), data.all_inputs())
+             .numpy().astype(np.float64) for seed in block_seeds(store.spec.seed, CALIBRATION_BLOCK + 1, 2)]
+    full = np.mean(fulls, 0)
     total, own = np.zeros_like(bias), np.zeros_like(bias)
     for i in range(data.n_train):
         row = fit.read_weight_rows([i])[0].astype(np.float64)
@@ -130,6 +133,20 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
     n_gamma = ((full - bias - store.spec.alpha * total) / (1 - store.spec.alpha)
                - result.scale_cross * (total - own) - result.scale_self * own)
     np.testing.assert_allclose(result.size_effect, n_gamma, atol=2e-3)
+
+    # the forget spread: γ² = mean Var of the full-data models' margins (point by point) over the store's Var_in
+    labels = data.y_train.numpy()
+    m = np.stack([margins(torch.from_numpy(f[:data.n_train]), torch.from_numpy(labels)).numpy() for f in fulls])
+    var_in, var_out = subset_variances(store, labels)
+    gamma = np.sqrt(np.var(m, axis=0).mean() / np.nanmean(var_in))
+    assert result.spread_gamma == pytest.approx(gamma, rel=1e-3)
+    np.testing.assert_allclose(result.forget_spread, gamma * np.sqrt(np.maximum(var_out - var_in, 0)), rtol=2e-3,
+                               atol=1e-5)
+    assert 0 < gamma < 1  # models that differ by their seed only vary less than the store's on half-subsets
+    without = calibrate(fit, data, models=models, alpha=alpha, max_targets=data.n_points, full_models=0)
+    m = np.stack([margins(torch.from_numpy(l[:data.n_train]), torch.from_numpy(labels)).numpy() for l in y])
+    near_full = np.array([np.var(m[masks[:, x], x]) if masks[:, x].sum() >= 2 else np.nan for x in range(data.n_train)])
+    assert without.spread_gamma == pytest.approx(np.sqrt(np.nanmean(near_full) / np.nanmean(var_in)), rel=1e-3)
 
 
 def test_the_cli_keeps_c_in_the_group_and_refuses_bad_input_in_one_line(run_dmm, fixture, tmp_path):
@@ -149,6 +166,8 @@ def test_the_cli_keeps_c_in_the_group_and_refuses_bad_input_in_one_line(run_dmm,
     record, size = fit.attrs["deletion_scale"], fit.size_effect
     assert record["models"] == 4 and record["alpha"] == 0.95 and record["full_models"] == 2
     assert size.shape == (fixture.data.n_points, 10) and np.abs(size).max() > 0
+    assert fit.forget_spread.shape == (fixture.data.n_train,) and (fit.forget_spread >= 0).all()
+    assert f"forget spread γ = {record['spread_gamma']:.3f}" in result.stdout
     assert f"c_self = {record['scale_self']:.4f}, c_cross = {record['scale_cross']:.4f}" in result.stdout
     assert "− |F|·γ'_x" in result.stdout
     again = run_dmm(["calibrate", "--store", url, "--models", "4", "--full-models", "2"])  # the same c, γ' to the bit

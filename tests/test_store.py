@@ -363,19 +363,19 @@ def test_original_logits(mem_url):
 
 
 def test_schema_table_covers_every_array(mem_url):
-    """Every array a store can hold (a target-subset fit, a calibration's size effect included) is in the table,
-    and so is every attr of a calibrated fit group."""
+    """Every array a store can hold (a target-subset fit, a calibration's size effect and spread included) is in
+    the table, and so is every attr of a calibrated fit group."""
     st = AttributionStore.open_or_create(mem_url, make_spec(), 4)
     fit = create_fit_group(st, "datamodels", 8, 8, targets=parse_targets("random:5:0", N_POINTS))
     st.create_fit_group("trak", 8, 8)
     record = {"scale_self": 0.8, "scale_cross": 0.7, "models": 4, "alpha": 0.95, "targets": 5, "correlation": 0.5,
-              "full_models": 2}
-    fit.write_deletion_scale(record, np.zeros((5, K)))
+              "full_models": 2, "spread_gamma": 0.5}
+    fit.write_deletion_scale(record, np.zeros((5, K)), np.zeros(st.spec.n_train))
     st.write_original_logits(np.zeros((N_POINTS, K), np.float32), "c" * 64)
     table = schema_table()
     assert table.startswith("| array | shape | dtype | chunks | meaning |")
     paths = [p for p, node in st.group.members(max_depth=None) if isinstance(node, zarr.Array)]
-    assert len(paths) == 18
+    assert len(paths) == 19
     for p in paths:
         assert f"`{p}`" in table or (p.startswith("trak/") and "`trak/*`" in table), p
         assert st.zarr_array(p).attrs["fingerprint"] == st.fingerprint

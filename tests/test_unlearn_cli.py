@@ -113,6 +113,8 @@ BAD_INPUTS = {
     "om without oracles": (dict(extra=["--method", "om"]), "needs --oracles"),
     "unknown method": (dict(extra=["--method", "retrain-everything"]), "unknown method"),
     "bad config": (dict(extra=["--max-steps", "0"]), "min steps <= max steps"),
+    "spread, never calibrated": (dict(extra=["--spread", "1"]), "no forget spread"),
+    "negative spread": (dict(extra=["--spread", "-0.5"]), "spread -0.5 is negative"),
 }
 
 

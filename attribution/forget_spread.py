@@ -44,7 +44,8 @@ def margins_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def subset_variances(store: SubsetBlocks, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(Var_in, Var_out) of m_x over the store's subset models, per training point, read POINT_CHUNK points at
     a time."""
-    masks, _, blocks = store.read()
+    blocks = store.completed_blocks()
+    masks = store.read_masks(blocks)
     parts = []
     for lo in range(0, masks.shape[1], POINT_CHUNK):
         columns = slice(lo, min(lo + POINT_CHUNK, masks.shape[1]))

@@ -189,13 +189,16 @@ def stacked_logits(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Te
 DEFAULT_GROUP_SIZE = 256  # most models per vectorised pass: keeps each op large
 CPU_GROUP_TENSOR_BYTES = 8 << 20  # on a CPU, a group's largest activation: bigger grouped steps ran slower than
                                   # one model at a time (cache, page faults; benchmarks/bench_training.py)
+GPU_MEMORY_SHARE = 4  # on a GPU, a group's training step takes at most 1/4 of the device's total memory
 
 
 def group_size_for(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> int:
     """Models per vectorised pass of a network that is not an MLP chain, at most DEFAULT_GROUP_SIZE: on a GPU
     as many as fit their training step — ≈ 3 floats (saved activation, its gradient, a temporary) per output
-    value of every leaf module and sample, counted on x[:1] — into half its free memory; on a CPU as many
-    as keep the group's largest activation within CPU_GROUP_TENSOR_BYTES."""
+    value of every leaf module and sample, counted on x[:1] — into 1/GPU_MEMORY_SHARE of its total memory (not
+    its free memory, which changes from one run to the next: the group decides a model's rounding, and a retried
+    task must write the same bytes); on a CPU as many as keep the group's largest activation within
+    CPU_GROUP_TENSOR_BYTES."""
     values = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: values.append(out.numel()))
              for m in model.modules() if not list(m.children())]
@@ -207,7 +210,8 @@ def group_size_for(model: nn.Module, x: torch.Tensor, batch_size: int, device) -
         h.remove()
     device = torch.device(device)
     if device.type == "cuda":
-        fit = torch.cuda.mem_get_info(device)[0] / 2 // (3 * 4 * sum(values) * batch_size)
+        total = torch.cuda.get_device_properties(device).total_memory
+        fit = total // GPU_MEMORY_SHARE // (3 * 4 * sum(values) * batch_size)
     else:
         fit = CPU_GROUP_TENSOR_BYTES // (4 * max(values) * batch_size)
     return int(min(DEFAULT_GROUP_SIZE, max(1, fit)))

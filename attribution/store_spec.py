@@ -66,8 +66,8 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "group attr `deletion_scale`, which names K; DM-Direct subtracts \\|F\\|·γ'"),
     ("`datamodels/forget_spread`", "n", "float32", "n",
      "s_x: a retrained model's extra margin sd on training point x (attribution/forget_spread.py), written by "
-     "`dmm calibrate` with `deletion_scale`, whose spread_gamma is its γ; DMM's `--spread a` adds a·s_x·N(0, 1) "
-     "to the true-class targets of F"),
+     "`dmm calibrate` with `deletion_scale`, whose spread_gamma is its γ; DMM adds a·s_x·N(0, 1) to the "
+     "true-class targets of F (a = 1 by default, `--spread a`)"),
     ("`datamodels/` (group attrs)", "—", "—", "—",
      "kind, target_chunk, row_chunk, the fit's config; `deletion_scale` once `dmm calibrate` ran: scale_self, "
      "scale_cross, models, alpha, targets, correlation, full_models, spread_gamma (a refit drops it, `size_effect` "

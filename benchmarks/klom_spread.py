@@ -5,6 +5,12 @@ the floor (`retrain`, a second oracle sample) and one method, prints KLoM95 forg
 directions and the spread (`matching.klom.spread_ratio`, F / R) as saved and with N(0, sd²) added to every
 margin (seed 0). In the reference direction KL(oracle ‖ unlearned) the noisy populations score lower — the
 floor's below itself — in the other they score higher (README, "KLoM rewards spread").
+
+Then what bounds the method's KLoM, its per-point mean or its spread: the method's margins with each point's
+mean moved to the oracles' (m − mean(m) + mean(oracle), over models), with the spread the oracles have beyond
+it added (+ z·sqrt(max(Var(oracle) − Var(m), 0)) per point, z ~ N(0, 1) seed 0), and both. Neither is an
+unlearning method (both read the oracles); they say which part a better method would have to mend (README,
+"DMM's spread on F").
 One JSON line last: {"bench": "klom_spread", "rows": {...}}.
 
 Run: python benchmarks/klom_spread.py sweep_out/digits --set random:200:0 --method dmm --floor-noise 0.2 --noise 0.3
@@ -51,6 +57,11 @@ def main() -> None:
         margins = np.load(folder / f"{file}.npy")
         rows[name] = scores(oracle, margins, groups)
         rows[f"{name} + N(0, {sd}²)"] = scores(oracle, margins + rng.normal(0, sd, margins.shape), groups)
+    centred = margins - margins.mean(axis=0) + oracle.mean(axis=0)
+    missing = rng.standard_normal(margins.shape) * np.sqrt(np.maximum(oracle.var(axis=0) - margins.var(axis=0), 0))
+    rows[f"{args.method}, mean → oracles'"] = scores(oracle, centred, groups)
+    rows[f"{args.method} + oracles' missing spread"] = scores(oracle, margins + missing, groups)
+    rows[f"{args.method}, both"] = scores(oracle, centred + missing, groups)
     print("| population | KL(oracle ‖ unlearned) F / R / H | KL(unlearned ‖ oracle) F / R / H | spread F / R |")
     print("|---|---|---|---|")
     for name, row in rows.items():

@@ -44,7 +44,8 @@ MATCHING_DOCS = {
     "tol": "converged when the best matching loss fell by < tol × its start over --patience epochs",
     "patience": "epochs of the convergence window",
     "seed": "draws the retain points, the batch order and dmm's spread",
-    "spread": "dmm: a, adding a·s_x·N(0, 1) to F's true-class targets (s_x: `dmm calibrate`; 0: DM-Direct's mean)",
+    "spread": "dmm: a, adding a·s_x·N(0, 1) to F's true-class targets (s_x: `dmm calibrate`; 0: DM-Direct's mean; "
+              "default 1 where the store has s_x, else 0)",
 }
 
 
@@ -167,8 +168,8 @@ def register(sub) -> None:
     p.add_argument("--oracles", nargs="+", metavar="PATH", help="OM only: model files trained on S∖F")
     for field, doc in MATCHING_DOCS.items():
         default = getattr(defaults, field)
-        p.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=None,
-                       help=f"dmm/om: {doc} (default {default})")
+        p.add_argument(f"--{field.replace('_', '-')}", type=float if default is None else type(default), default=None,
+                       help=f"dmm/om: {doc}" + ("" if default is None else f" (default {default})"))
     p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
                    help="seconds to wait for another request on the same store")
     add_device_arg(p)

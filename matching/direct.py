@@ -104,6 +104,13 @@ def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attributio
 SPREAD_STREAM = 1  # z_x's stream of the request's seed (R's draw is the seed's own)
 
 
+def spread_scale(requested: float | None, fit: FitGroup) -> float:
+    """The spread a a DMM request uses: as requested, or by default (None) 1 where the fit group has s_x, else 0."""
+    if requested is not None:
+        return float(requested)
+    return 0.0 if fit.forget_spread is None else 1.0
+
+
 def with_forget_spread(targets: np.ndarray, fit: FitGroup, forget_ids, labels: np.ndarray, scale: float,
                        seed: int) -> np.ndarray:
     """h with a·s_x·z_x added to the true-class logit of every x ∈ F, z_x ~ N(0, 1) drawn from `seed`

@@ -58,7 +58,8 @@ class MatchingConfig:
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
     patience: int = 5
     seed: int = 0              # draws R and the minibatch order (and DMM's spread on F)
-    spread: float = 0.0        # DMM: a, adding a·s_x·N(0, 1) to F's true-class targets (README, "DMM's spread on F")
+    spread: float | None = None  # DMM: a, adding a·s_x·N(0, 1) to F's true-class targets; None: 1 where the store has
+                                 # s_x (`dmm calibrate`), else 0 (README, "DMM's spread on F")
 
     def __post_init__(self):
         if self.anneal_steps < 0:
@@ -71,9 +72,10 @@ class MatchingConfig:
                                 f"decay={self.lr_decay}, tol={self.tol}; e.g. --lr 5e-3 --lr-decay 1 --tol 1e-3")
         if not self.retain_ratio >= 0:
             raise MatchingError(f"retain ratio {self.retain_ratio} is negative; use r >= 0 (default 3)")
-        if not self.spread >= 0:
-            raise MatchingError(f"spread {self.spread} is negative; use a >= 0 (0: DM-Direct's mean, 1: the "
-                                "calibrated s_x)")
+        if self.spread is not None and (isinstance(self.spread, bool) or not isinstance(self.spread, (int, float))
+                                        or not self.spread >= 0):
+            raise MatchingError(f"spread {self.spread!r} is not a number >= 0; use a >= 0 (0: DM-Direct's mean, 1: the "
+                                "calibrated s_x), or leave it out (1 where the store has s_x)")
         if self.max_retain < 0:
             raise MatchingError(f"max retain {self.max_retain} is negative; use M >= 0 (0: no cap, default 100)")
 

@@ -22,7 +22,7 @@ from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
-from .direct import FIT_COMMAND, dm_direct_targets, fitted_group, with_forget_spread
+from .direct import FIT_COMMAND, dm_direct_targets, fitted_group, spread_scale, with_forget_spread
 from .errors import MatchingError
 from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
@@ -117,17 +117,19 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
 
 @register_method("dmm", needs=("store",))
 def datamodel_matching(task: UnlearnTask) -> Unlearned:
-    """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:} (calibrated: `matching.direct`); spread a > 0: a draw
-    around it on F (`with_forget_spread`)."""
+    """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:} (calibrated: `matching.direct`), on F a draw around it
+    with spread a > 0 (`with_forget_spread`; by default a = 1 where the store has s_x). The stats record a."""
     if task.oracles:
         raise MatchingError("--oracles is for --method om; drop it for dmm")
     if task.store is None:
         raise MatchingError("dmm needs an attribution store with fitted datamodels; pass --store")
     targets = dm_direct_targets(task.store, task.forget_ids, task.attribution, task.original_logits)
-    if task.config.spread:
-        targets = with_forget_spread(targets, fitted_group(task.store, task.attribution), task.forget_ids,
-                                     task.data.y_train.numpy(), task.config.spread, task.config.seed)
-    return match_on_forget_and_retain(task, targets)
+    fit = fitted_group(task.store, task.attribution)
+    spread = spread_scale(task.config.spread, fit)
+    if spread:
+        targets = with_forget_spread(targets, fit, task.forget_ids, task.data.y_train.numpy(), spread, task.config.seed)
+    matched = match_on_forget_and_retain(task, targets)
+    return Unlearned(matched.model, {**matched.stats, "spread": spread})
 
 
 def oracle_logits(task: UnlearnTask) -> np.ndarray:

@@ -144,10 +144,12 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
 
 
 def _stats_text(stats: dict) -> str:
-    """`; matching loss 1.23 -> 0.0456 in 300 steps` for methods that report a matching loss, and a warning
-    where it ended above its start (the steps moved the model away from its targets)."""
+    """`; matching loss 1.23 -> 0.0456 in 300 steps` for methods that report a matching loss (DMM: `, spread 1 on F`
+    as well), and a warning where it ended above its start (the steps moved the model away from its targets)."""
     if "loss_start" not in stats:
         return ""
+    spread = f", spread {stats['spread']:g} on F" if "spread" in stats else ""
     rose = (" — above its start: the fine-tuning moved away from its targets; lower --lr or raise --anneal-steps"
             if stats["loss_end"] > stats["loss_start"] else "")
-    return f"; matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps{rose}"
+    return (f"; matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps"
+            f"{spread}{rose}")

@@ -235,6 +235,30 @@ def test_the_group_size_shrinks_with_the_batch_and_the_model(tiny_cifar):
     assert sizes[2] == engine.CPU_GROUP_TENSOR_BYTES // (4 * 8 * 16 * 16 * 64)
 
 
+def test_on_a_gpu_the_group_size_is_a_share_of_total_memory_not_of_what_is_free(tiny_cifar, monkeypatch):
+    """A retried task must write the same bytes, and the group decides a model's rounding on a GPU."""
+    class Properties:
+        total_memory = 80 << 30
+
+    def free_memory(_device):
+        raise AssertionError("the group size must not depend on the GPU's free memory")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: Properties)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_memory)
+    model = resnet9(tiny_cifar.input_shape, 4, width=8)
+    values = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: values.append(out.numel()))
+             for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(tiny_cifar.x_train[:1])
+    for h in hooks:
+        h.remove()
+    # 3 floats per output value of every leaf module and sample, in a quarter of 80 GiB
+    expected = (80 << 30) // engine.GPU_MEMORY_SHARE // (3 * 4 * sum(values) * 512)
+    assert 1 < expected < engine.DEFAULT_GROUP_SIZE
+    assert group_size_for(model, tiny_cifar.x_train, 512, "cuda") == expected
+    assert group_size_for(model, tiny_cifar.x_train, 1, "cuda") == engine.DEFAULT_GROUP_SIZE
+
+
 def test_a_model_with_batchnorm_keeps_its_eval_logits_independent_of_the_batch(tiny_cifar):
     """Eval mode uses the running statistics: the batched logits of a point do not depend on its chunk."""
     masks, seeds = subsets([24, 11]), SEEDS[:2]

@@ -1,9 +1,13 @@
 """The forget spread s_x (attribution/forget_spread.py, `dmm calibrate`) and DMM's draw around DM-Direct's mean."""
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from fixtures_store import digits_store
 from test_matching import synthetic_store
 
@@ -11,9 +15,11 @@ import attribution.forget_spread as forget_spread_mod
 from attribution.evaluation import margins
 from attribution.forget_spread import forget_spread, masked_variance, subset_variances
 from attribution.store import AttributionStore
-from matching.direct import SPREAD_STREAM, with_forget_spread
+import matching.methods as methods
+from matching.direct import SPREAD_STREAM, dm_direct_targets, with_forget_spread
 from matching.errors import MatchingError
 from matching.finetune import MatchingConfig
+from matching.methods import UnlearnTask, Unlearned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -84,5 +90,29 @@ def test_a_store_without_a_spread_is_refused_in_one_line(tmp_path):
     with pytest.raises(MatchingError, match=r"no forget spread.*rerun `dmm calibrate") as err:
         with_forget_spread(original, store.fit_group("datamodels"), [1], np.zeros(16, int), 1.0, 0)
     assert "\n" not in str(err.value)
-    with pytest.raises(MatchingError, match="spread -1.0 is negative"):
-        MatchingConfig(spread=-1.0)
+    for bad in (-1.0, True, "wide"):
+        with pytest.raises(MatchingError, match=f"spread {bad!r} is not a number >= 0") as err:
+            MatchingConfig(spread=bad)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_by_default_dmm_draws_with_the_stores_spread_and_without_one_matches_the_mean(tmp_path, monkeypatch, calibrated):
+    n_train = 16
+    spread = np.linspace(0.1, 1.6, n_train).astype(np.float32)
+    store, original = spread_store(tmp_path / "s.zarr", spread if calibrated else None)
+    labels = np.arange(n_train) % original.shape[1]
+    seen = []
+    monkeypatch.setattr(methods, "match_on_forget_and_retain",
+                        lambda task, targets: seen.append(targets) or Unlearned(task.model, {}))
+    forget = np.array([2, 5, 11])
+    task = UnlearnTask(model=nn.Linear(1, 1), data=SimpleNamespace(y_train=torch.from_numpy(labels), n_train=n_train),
+                       forget_ids=forget, store=store, original_logits=original, config=MatchingConfig(seed=7))
+    by_default = methods.datamodel_matching(task)
+    mean = dm_direct_targets(store, forget, "datamodels", original)
+    drawn = with_forget_spread(mean, store.fit_group("datamodels"), forget, labels, 1.0, 7) if calibrated else mean
+    np.testing.assert_array_equal(seen[0], drawn)
+    assert by_default.stats["spread"] == (1.0 if calibrated else 0.0)
+    explicit = methods.datamodel_matching(dataclasses.replace(task, config=MatchingConfig(seed=7, spread=0.0)))
+    np.testing.assert_array_equal(seen[1], mean)
+    assert explicit.stats["spread"] == 0.0

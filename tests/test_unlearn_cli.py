@@ -67,7 +67,9 @@ def test_unlearn_and_ledger_print_what_they_did(world, tmp_path, capsys):
     defaults = MatchingConfig()  # at least the floor and the anneal, at most --max-steps
     assert defaults.min_steps + defaults.anneal_steps <= stats["steps"] <= 250
     assert stats["loss_end"] < stats["loss_start"]
-    assert f"matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps" in printed
+    assert stats["spread"] == 0.0  # the default on a store calibrated without s_x: DM-Direct's mean
+    assert (f"matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps, "
+            "spread 0 on F") in printed
     assert "above its start" not in printed
     assert entry.output_sha256 == file_sha256(out)
 
@@ -114,7 +116,7 @@ BAD_INPUTS = {
     "unknown method": (dict(extra=["--method", "retrain-everything"]), "unknown method"),
     "bad config": (dict(extra=["--max-steps", "0"]), "min steps <= max steps"),
     "spread, never calibrated": (dict(extra=["--spread", "1"]), "no forget spread"),
-    "negative spread": (dict(extra=["--spread", "-0.5"]), "spread -0.5 is negative"),
+    "negative spread": (dict(extra=["--spread", "-0.5"]), "spread -0.5 is not a number >= 0"),
 }
 
 

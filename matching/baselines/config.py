@@ -21,8 +21,9 @@ def hp(default, doc: str):
 
 
 def field_docs(cls) -> list[tuple[str, str, object, str]]:
-    """(name, type, default, doc) of every field of a config dataclass; doc is "" where none is given."""
-    return [(f.name, type(f.default).__name__, f.default, f.metadata.get("doc", ""))
+    """(name, type, default, doc) of every field of a config dataclass; doc is "" where none is given (the type of a
+    None default is the field's annotation)."""
+    return [(f.name, f.type if f.default is None else type(f.default).__name__, f.default, f.metadata.get("doc", ""))
             for f in fields(cls) if f.default is not MISSING]
 
 

@@ -135,9 +135,10 @@ def format_ledger(entries: list[LedgerEntry]) -> str:
         return "no deletion requests recorded"
     head = f"{'id':>3}  {'time (UTC)':<25} {'method':<6} {'attr':<10} {'ids':>6} {'total':>6}  " \
            f"{'ids sha256':<12}  {'input':<12}  {'output':<12} {'wall s':>7} {'loss start':>10} {'loss end':>10} " \
-           f"{'steps':>6}  output path"
+           f"{'steps':>6} {'spread':>6}  output path"
     rows = [f"{e.id:>3}  {e.time_utc:<25} {e.method:<6} {e.attribution:<10} {e.n_ids:>6} {e.n_forgotten:>6}  "
             f"{e.ids_sha256[:12]}  {e.input_sha256[:12]}  {e.output_sha256[:12]} {e.wall_s:>7.2f} "
-            f"{_stat(e, 'loss_start'):>10} {_stat(e, 'loss_end'):>10} {_stat(e, 'steps'):>6}  {e.output_path}"
+            f"{_stat(e, 'loss_start'):>10} {_stat(e, 'loss_end'):>10} {_stat(e, 'steps'):>6} {_stat(e, 'spread'):>6}  "
+            f"{e.output_path}"
             for e in entries]
     return "\n".join([head, *rows])

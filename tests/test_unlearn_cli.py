@@ -83,6 +83,7 @@ def test_unlearn_and_ledger_print_what_they_did(world, tmp_path, capsys):
     assert len(lines) == 2 and lines[1].split()[:3] == ["1", entry.time_utc, "dmm"]
     assert entry.output_sha256[:12] in lines[1] and str(out.resolve()) in lines[1]
     assert "loss start" in lines[0] and "loss end" in lines[0] and f" {stats['steps']} " in lines[1]
+    assert lines[0].split()[-3:] == ["spread", "output", "path"] and lines[1].split()[-2] == "0"  # DMM's spread a
 
 
 def test_a_request_whose_matching_loss_rose_says_so_and_how_to_fix_it(world, tmp_path):

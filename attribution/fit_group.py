@@ -228,10 +228,15 @@ class FitGroup:
         return np.asarray(self.store.group[self.prefix][SIZE_EFFECT][...], dtype=np.float64)
 
     @property
+    def has_forget_spread(self) -> bool:
+        """Whether the calibration measured s_x (its record has `spread_gamma`; an older one has not)."""
+        return "spread_gamma" in self.attrs.get(DELETION_SCALE, {})
+
+    @property
     def forget_spread(self) -> np.ndarray | None:
         """s_x per training point, float32 (n_train,) (attribution/forget_spread.py); None if the calibration
-        measured none (a record without `spread_gamma`: an older one)."""
-        if "spread_gamma" not in self.attrs.get(DELETION_SCALE, {}):
+        measured none (`has_forget_spread`)."""
+        if not self.has_forget_spread:
             return None
         return np.asarray(self.store.group[self.prefix][FORGET_SPREAD][...])
 

@@ -64,7 +64,12 @@ def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "d
                       original_logits: np.ndarray | None = None) -> np.ndarray:
     """h(x) for every point (float32, n_points × k; NaN rows where x is not fitted); θ0's logits default to the ones
     kept in the store."""
-    fit = fitted_group(store, attribution)
+    return fit_targets(fitted_group(store, attribution), forget_ids, original_logits)
+
+
+def fit_targets(fit: FitGroup, forget_ids, original_logits: np.ndarray | None = None) -> np.ndarray:
+    """`dm_direct_targets` from a fit group already opened (`fitted_group`)."""
+    store = fit.store
     if original_logits is None:
         original_logits = store.read_original_logits()
         if original_logits is None:
@@ -108,7 +113,7 @@ def spread_scale(requested: float | None, fit: FitGroup) -> float:
     """The spread a a DMM request uses: as requested, or by default (None) 1 where the fit group has s_x, else 0."""
     if requested is not None:
         return float(requested)
-    return 0.0 if fit.forget_spread is None else 1.0
+    return 1.0 if fit.has_forget_spread else 0.0
 
 
 def with_forget_spread(targets: np.ndarray, fit: FitGroup, forget_ids, labels: np.ndarray, scale: float,

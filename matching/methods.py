@@ -22,7 +22,7 @@ from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
-from .direct import FIT_COMMAND, dm_direct_targets, fitted_group, spread_scale, with_forget_spread
+from .direct import FIT_COMMAND, fit_targets, fitted_group, spread_scale, with_forget_spread
 from .errors import MatchingError
 from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
@@ -123,8 +123,8 @@ def datamodel_matching(task: UnlearnTask) -> Unlearned:
         raise MatchingError("--oracles is for --method om; drop it for dmm")
     if task.store is None:
         raise MatchingError("dmm needs an attribution store with fitted datamodels; pass --store")
-    targets = dm_direct_targets(task.store, task.forget_ids, task.attribution, task.original_logits)
     fit = fitted_group(task.store, task.attribution)
+    targets = fit_targets(fit, task.forget_ids, task.original_logits)
     spread = spread_scale(task.config.spread, fit)
     if spread:
         targets = with_forget_spread(targets, fit, task.forget_ids, task.data.y_train.numpy(), spread, task.config.seed)

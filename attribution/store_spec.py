@@ -70,8 +70,8 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "true-class targets of F (a = 1 by default, `--spread a`)"),
     ("`datamodels/` (group attrs)", "—", "—", "—",
      "kind, target_chunk, row_chunk, the fit's config; `deletion_scale` once `dmm calibrate` ran: scale_self, "
-     "scale_cross, models, alpha, targets, correlation, full_models, spread_gamma (a refit drops it, `size_effect` "
-     "and `forget_spread`: c = 1)"),
+     "scale_cross, models, alpha, targets, correlation, full_models, spread_gamma, fitted_on (margins; a refit drops "
+     "it, `size_effect` and `forget_spread`: c = 1)"),
     ("`trak/*`", "as `datamodels/*`", "as `datamodels/*`", "as `datamodels/*`",
      "the same matrices estimated by TRAK; attr config.calibration_blocks: the subset blocks it calibrates on; "
      "its own `deletion_scale`, `size_effect` and `forget_spread`"),

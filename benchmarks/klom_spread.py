@@ -11,7 +11,10 @@ mean moved to the oracles' (m − mean(m) + mean(oracle), over models), with the
 it added (+ z·sqrt(max(Var(oracle) − Var(m), 0)) per point, z ~ N(0, 1) seed 0), and both. Neither is an
 unlearning method (both read the oracles); they say which part a better method would have to mend (README,
 "DMM's spread on F").
-One JSON line last: {"bench": "klom_spread", "rows": {...}}.
+Where the report has θ0's margins (`nothing`), also how much of the oracles' move the method makes: per group,
+the slope Σ d·d̂ / Σ d² and the correlation of its per-point mean shift from θ0, d̂, on the oracles', d (slope 1
+and correlation 1: the oracles' mean; docs/matching_sweeps.md, "Where DM-Direct's mean misses").
+One JSON line last: {"bench": "klom_spread", "rows": {...}, "shift": {...}}.
 
 Run: python benchmarks/klom_spread.py sweep_out/digits --set random:200:0 --method dmm --floor-noise 0.2 --noise 0.3
 """
@@ -36,6 +39,17 @@ def scores(oracle: np.ndarray, population: np.ndarray, groups: dict) -> dict:
                for g in GROUPS] for d in DIRECTIONS}
     row["spread"] = [spread_ratio(oracle[:, groups[g]], population[:, groups[g]]) for g in ("forget", "retain")]
     return row
+
+
+def shift_fit(oracle: np.ndarray, population: np.ndarray, original: np.ndarray, groups: dict) -> dict:
+    """Per group, the slope and correlation of the population's per-point mean shift from θ0 on the oracles'."""
+    wanted, made = oracle.mean(axis=0) - original.mean(axis=0), population.mean(axis=0) - original.mean(axis=0)
+    fit = {"slope": [], "correlation": []}
+    for g in GROUPS:
+        d, d_hat = wanted[groups[g]], made[groups[g]]
+        fit["slope"].append(float(d @ d_hat / (d @ d)))
+        fit["correlation"].append(float(np.corrcoef(d, d_hat)[0, 1]))
+    return fit
 
 
 def main() -> None:
@@ -67,7 +81,13 @@ def main() -> None:
     for name, row in rows.items():
         cells = [" / ".join(f"{v:.2f}" for v in row[k]) for k in (*DIRECTIONS, "spread")]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print(json.dumps({"bench": "klom_spread", "set": args.set, "rows": rows}))
+    shift = None
+    if (folder / "nothing.npy").exists():
+        shift = shift_fit(oracle, margins, np.load(folder / "nothing.npy"), groups)
+        print(f"{args.method}'s mean shift from θ0 on the oracles': slope F / R / H "
+              + " / ".join(f"{v:.2f}" for v in shift["slope"]) + ", correlation "
+              + " / ".join(f"{v:.2f}" for v in shift["correlation"]))
+    print(json.dumps({"bench": "klom_spread", "set": args.set, "rows": rows, "shift": shift}))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ def calibrate_cmd(args) -> int:
                         args.full_models)
     size = f"; size effect from {r.full_models} models on all of S (rms n·γ' {r.size_rms:.3f})" if r.full_models else ""
     print(f"calibrate: deletion scales c_self = {r.scale_self:.4f}, c_cross = {r.scale_cross:.4f} ({r.models} "
-          f"models on α = {r.alpha} subsets, {r.targets} targets, correlation {r.correlation:.3f}){size}; forget "
-          f"spread γ = {r.spread_gamma:.3f}, mean s_x {r.forget_spread.mean():.3f} -> "
+          f"models on α = {r.alpha} subsets, the margins of {r.targets} targets, correlation {r.correlation:.3f})"
+          f"{size}; forget spread γ = {r.spread_gamma:.3f}, mean s_x {r.forget_spread.mean():.3f} -> "
           f"{args.store}/{args.attribution}; DM-Direct now predicts h(x) = f_x(θ0) − c_cross·Σ_F β − "
           f"(c_self − c_cross)·β_xx·[x ∈ F]" + (" − |F|·γ'_x" if r.full_models else ""))
     return 0

@@ -66,9 +66,9 @@ def run_demo(out_dir: str = "demo_out", num_models: int = 2048, forget_per_reque
     t = _stage(f"calibrate: β's deletion scales ({CALIBRATION_MODELS} models on α' = {CALIBRATION_ALPHA} subsets) and "
                f"the training set size's effect ({CALIBRATION_FULL_MODELS} models on all of S)")
     c = calibrate_store(store_url)
-    print(f"c_self = {c.scale_self:.3f}, c_cross = {c.scale_cross:.3f} (correlation {c.correlation:.3f} over "
-          f"{c.targets} targets); rms n·γ' {c.size_rms:.3f}; DMM's spread on F: γ = {c.spread_gamma:.3f}, mean s_x "
-          f"{c.forget_spread.mean():.3f} ({time.perf_counter() - t:.0f} s)")
+    print(f"c_self = {c.scale_self:.3f}, c_cross = {c.scale_cross:.3f} (on the margins of {c.targets} targets, "
+          f"correlation {c.correlation:.3f}); rms n·γ' {c.size_rms:.3f}; DMM's spread on F: γ = {c.spread_gamma:.3f}, "
+          f"mean s_x {c.forget_spread.mean():.3f} ({time.perf_counter() - t:.0f} s)")
 
     t = _stage("θ0: the original model on all of S")
     theta0 = out / "theta0.safetensors"

@@ -94,6 +94,14 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
     _write_json(out / "store.json", {"url": url, "source": source})
 
 
+def calibration_is_current(have: dict, config: dict) -> bool:
+    """Whether the store's `deletion_scale` record is the one the stage asks for: the same M, α' and K, with the
+    forget spread and scales fitted on margins (a store calibrated before either is recalibrated)."""
+    return ((have.get("models"), have.get("alpha"), have.get("full_models", 0))
+            == (config["models"], config["alpha"], config["full_models"])
+            and "spread_gamma" in have and have.get("fitted_on") == config["fitted_on"])
+
+
 def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
     """Give the store's β the deletion scales of M models on α'-subsets, the size effect of K models on all of S and
     the forget spread (kept if it has them all); record them."""
@@ -101,9 +109,7 @@ def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
 
     fit = fitted_group(_store(inputs), config["source"])
     have = fit.attrs.get(DELETION_SCALE, {})
-    asked = (config["models"], config["alpha"], config["full_models"])
-    if config["models"] and ((have.get("models"), have.get("alpha"), have.get("full_models", 0)) != asked
-                             or "spread_gamma" not in have):
+    if config["models"] and not calibration_is_current(have, config):
         have = calibrate_store(fit.store.url, config["source"], config["models"], config["alpha"],
                                trust_code=True,  # the spec had consent for the store's model (experiment_stages)
                                full_models=config["full_models"]).to_attrs()

@@ -96,7 +96,7 @@ def test_with_the_size_effect_dm_direct_is_exact_where_outputs_are_linear_in_pre
 
 def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixture):
     """The scales from an independent path: each model trained alone, p_j(x) summed row by row and split into
-    x's own term and the rest, numpy's least squares."""
+    x's own term and the rest, each taken along x's true class and its runner-up (looped), numpy's least squares."""
     store = AttributionStore.open(fixture.url)
     fit = store.fit_group("datamodels")
     data, models, alpha = fixture.data, 5, 0.9
@@ -115,7 +115,12 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
             own[i] = row[i]
         p_self.append(own)
         p_cross.append(bias + sum(rows.values()) - own)
-    centred = [np.stack(a) - np.stack(a).mean(0) for a in (y, p_self, p_cross)]
+    labels, mean = data.all_labels().numpy(), np.mean(y, axis=0)
+    runner_up = [max((c for c in range(data.num_classes) if c != labels[x]), key=lambda c: mean[x, c])
+                 for x in range(data.n_points)]
+    along = [np.array([[a[x, labels[x]] - a[x, runner_up[x]] for x in range(data.n_points)] for a in values])
+             for values in (y, p_self, p_cross)]
+    centred = [a - a.mean(0) for a in along]
     design = np.stack([centred[1].ravel(), centred[2].ravel()], axis=1)
     expected = np.linalg.lstsq(design, centred[0].ravel(), rcond=None)[0]
     assert (result.scale_self, result.scale_cross) == pytest.approx(tuple(expected), rel=1e-3)

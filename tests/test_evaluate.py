@@ -101,7 +101,8 @@ def test_populations_are_the_models_they_claim_to_be(evaluated, fixture):
     np.testing.assert_allclose(np.load(folder / "nothing.npy"), margins(originals, labels).numpy(), atol=1e-4)
     fit = AttributionStore.open(fixture.url).fit_group("datamodels")
     c = fit.attrs["deletion_scale"]
-    assert (c["models"], c["alpha"], c["full_models"]) == (64, 0.95, 16) and c["scale_cross"] != 1
+    assert (c["models"], c["alpha"], c["full_models"], c["fitted_on"]) == (64, 0.95, 16, "margins")
+    assert c["scale_cross"] != 1
     beta = np.asarray(fit.weight[:], dtype=np.float64)
     effect = c["scale_cross"] * beta[forget].sum(axis=0) + len(forget) / data.n_train * fit.size_effect
     effect[forget] += (c["scale_self"] - c["scale_cross"]) * beta[forget, forget]
@@ -134,6 +135,19 @@ def test_calibration_settings_key_the_store_methods_and_nothing_else(fixture, tm
     assert {n for n, k in keys(calibration_models=0).items() if kept[n] != k} == {"calibration"} | store_readers
     spec = spec_from_dict(raw_spec(fixture, methods={"nothing": {}, "ga": {}}))
     assert "calibration" not in stage_keys(experiment_stages(spec, tmp_path / "out")[0])
+
+
+@pytest.mark.parametrize("change, current", [
+    ({}, True),
+    ({"fitted_on": None}, False),          # fitted on all k logits, before margins: recalibrated
+    ({"spread_gamma": None}, False),       # before the forget spread
+    ({"models": 32}, False), ({"alpha": 0.9}, False), ({"full_models": 0}, False),
+])
+def test_the_calibration_stage_keeps_only_a_store_record_of_what_it_asks_for(change, current):
+    config = {"models": 64, "alpha": 0.95, "full_models": 16, "fitted_on": "margins"}
+    have = {**config, "scale_self": 0.8, "scale_cross": 0.7, "spread_gamma": 0.6}
+    have = {k: v for k, v in {**have, **change}.items() if v is not None}
+    assert eval_stages.calibration_is_current(have, config) is current
 
 
 def test_a_row_gives_the_matching_loss_at_the_end_over_its_start():

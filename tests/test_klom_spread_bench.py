@@ -43,3 +43,22 @@ def test_a_forget_set_the_report_lacks_is_a_one_line_error(tmp_path):
     out = subprocess.run(BENCH + [str(tmp_path), "--set", "class:3:50"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "class_3_50" in out.stderr
+
+
+def test_the_shift_readout_is_the_fraction_of_the_oracles_move_the_method_makes(tmp_path):
+    """θ0's margins m0; the oracles' m0 + d; the method's m0 + 0.6·d on F, d on R, −d on H (per point, every model)."""
+    write_report(tmp_path)
+    folder = tmp_path / "margins" / "random_5_0"
+    rng = np.random.default_rng(2)
+    original = np.load(folder / "floor.npy")
+    d = rng.normal(0, 1, 300)
+    np.save(folder / "nothing.npy", original)
+    np.save(folder / "oracle.npy", (original + d).astype(np.float32))
+    np.save(folder / "dmm.npy", (original + np.concatenate([0.6 * d[:100], d[100:200], -d[200:]])).astype(np.float32))
+    out = subprocess.run(BENCH + [str(tmp_path), "--set", "random:5:0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    shift = json.loads(out.stdout.strip().splitlines()[-1])["shift"]
+    np.testing.assert_allclose(shift["slope"], [0.6, 1.0, -1.0], atol=1e-5)
+    np.testing.assert_allclose(shift["correlation"], [1.0, 1.0, -1.0], atol=1e-5)
+    assert "slope F / R / H 0.60 / 1.00 / -1.00" in out.stdout

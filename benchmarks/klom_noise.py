@@ -16,7 +16,8 @@ Reads `margins/<set>/` (oracle.npy, floor.npy, <method>.npy, groups.json) of eve
 {"bench": "klom_noise", "splits": ..., "sets": {set: {method: {"report": [F, R, H], "klom95": {"median": …,
 "p10": …, "p90": …}, "vs_floor": {…}, "vs_<versus>": {…}}}}}.
 
-Run: python benchmarks/klom_noise.py docs/../sweep_out/digits [--set class:3:10] [--methods dmm dm-direct]
+Run: python benchmarks/klom_noise.py sweep_out/spread_sets_digits [--set class:3:10] [--methods dmm dm-direct]
+(after `dmm evaluate --config configs/sweep_spread_sets_digits.yaml --out sweep_out/spread_sets_digits`).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.eval_report import GROUPS, slug  # noqa: E402
-from matching.klom import klom  # noqa: E402
+from matching.klom import klom, klom_summary  # noqa: E402
 
 SAMPLES = ("oracle", "floor")  # the report's two samples of retrained models
 QUANTILES = {"median": 50, "p10": 10, "p90": 90}
@@ -39,8 +39,8 @@ QUANTILES = {"median": 50, "p10": 10, "p90": 90}
 
 def klom95(oracle: np.ndarray, population: np.ndarray, groups: dict) -> np.ndarray:
     """KLoM95 per group (F, R, H) of a population against an oracle sample."""
-    values = klom(oracle, population)
-    return np.array([np.percentile(values[groups[g]], 95) for g in GROUPS])
+    summary = klom_summary(klom(oracle, population), groups)
+    return np.array([summary[g]["p95"] for g in GROUPS])
 
 
 def split_scores(oracle: np.ndarray, floor: np.ndarray, populations: dict, groups: dict, splits: int,

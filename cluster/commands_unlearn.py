@@ -9,6 +9,7 @@ With `--store` the request is checked against the store and recorded in its ledg
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,15 @@ MATCHING_DOCS = {
     "max_steps": "optimiser steps at most",
     "tol": "converged when the best matching loss fell by < tol × its start over --patience epochs",
     "patience": "epochs of the convergence window",
+    "train_blocks": "k: only the last k blocks train (top-level modules with parameters; 0: every weight; default: "
+                    "the model's, 2 on cnn1d, else 0)",
     "seed": "draws the retain points, the batch order and dmm's spread",
     "spread": "dmm: a, adding a·s_x·N(0, 1) to F's true-class targets (s_x: `dmm calibrate`; 0: DM-Direct's mean; "
               "default 1 where the store has s_x, else 0)",
 }
+
+
+MATCHING_TYPES = {f.name: f.type for f in fields(MatchingConfig)}  # a None default's type is its annotation's
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -168,7 +174,8 @@ def register(sub) -> None:
     p.add_argument("--oracles", nargs="+", metavar="PATH", help="OM only: model files trained on S∖F")
     for field, doc in MATCHING_DOCS.items():
         default = getattr(defaults, field)
-        p.add_argument(f"--{field.replace('_', '-')}", type=float if default is None else type(default), default=None,
+        kind = {"int | None": int, "float | None": float}[MATCHING_TYPES[field]] if default is None else type(default)
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None,
                        help=f"dmm/om: {doc}" + ("" if default is None else f" (default {default})"))
     p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
                    help="seconds to wait for another request on the same store")

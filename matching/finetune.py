@@ -27,7 +27,10 @@ docs/matching_sweeps.md what else was tried.
 Cost. On a small model a step's cost is mostly fixed (mnist1d's CNN on one CPU thread: 0.7 ms for 8
 points, 1.4 ms for 64), so a request's wall time is its steps: Adam runs fused where torch has the
 kernel (CPU, CUDA), and the rule reads the minibatch losses instead of a full pass after every epoch
-(one per step on requests of ≤ 64 points).
+(one per step on requests of ≤ 64 points). With `train_blocks` = k only the last k blocks train, on
+the frozen trunk's outputs computed once (`frozen_trunk`): on mnist1d's CNN (k = 2 by default there,
+`attribution.models.MATCHING_BLOCKS`) a step costs half as much and KLoM is the same (README, "Matching the
+last blocks").
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from attribution.models import parameter_blocks
 
 from .errors import MatchingError
 
@@ -58,6 +63,8 @@ class MatchingConfig:
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
     patience: int = 5
     seed: int = 0              # draws R and the minibatch order (and DMM's spread on F)
+    train_blocks: int | None = None  # k: only the last k blocks train, the rest frozen (`frozen_trunk`); 0: every
+                                     # weight; None: the model's default (`attribution.models.matching_blocks`)
     spread: float | None = None  # DMM: a, adding a·s_x·N(0, 1) to F's true-class targets; None: 1 where the store has
                                  # s_x (`dmm calibrate`), else 0 (README, "DMM's spread on F")
 
@@ -76,6 +83,10 @@ class MatchingConfig:
                                         or not self.spread >= 0):
             raise MatchingError(f"spread {self.spread!r} is not a number >= 0; use a >= 0 (0: DM-Direct's mean, 1: the "
                                 "calibrated s_x), or leave it out (1 where the store has s_x)")
+        if self.train_blocks is not None and (isinstance(self.train_blocks, bool) or not isinstance(self.train_blocks, int)
+                                              or self.train_blocks < 0):
+            raise MatchingError(f"train blocks {self.train_blocks!r} is not an integer >= 0; use 0 (every weight), k "
+                                "(the last k blocks), or leave it out (the model's default)")
         if self.max_retain < 0:
             raise MatchingError(f"max retain {self.max_retain} is negative; use M >= 0 (0: no cap, default 100)")
 
@@ -114,6 +125,28 @@ def matching_points(forget_ids: np.ndarray, n_train: int, retain_ratio: float, s
     return np.union1d(forget_ids if fitted is None else np.intersect1d(forget_ids, pool), drawn)
 
 
+def frozen_trunk(model: nn.Module, blocks: int | None) -> tuple[nn.Module | None, nn.Module]:
+    """(trunk, head) for matching only the model's last `blocks` blocks (`attribution.models.parameter_blocks`):
+    the head runs from the first of them on, the trunk before it stays as it is, weights and buffers (eval
+    mode). (None, model) when every weight trains: `blocks` 0 (or None) or at least the model's number of blocks."""
+    names = parameter_blocks(model)
+    if not blocks or blocks >= len(names):
+        return None, model
+    if not isinstance(model, nn.Sequential):
+        raise MatchingError(f"train blocks {blocks} needs an nn.Sequential model (children run in order), not "
+                            f"{type(model).__name__}; use train blocks 0 (every weight)")
+    start = [name for name, _ in model.named_children()].index(names[-blocks])
+    return model[:start], model[start:]
+
+
+@torch.no_grad()
+def trunk_outputs(trunk: nn.Module, inputs: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """The frozen trunk's outputs on `inputs` (eval mode), computed once: the head's inputs for every step."""
+    trunk.eval()
+    device = next(trunk.parameters()).device  # a trunk holds at least one block
+    return torch.cat([trunk(x.to(device)) for x in inputs.split(chunk)])
+
+
 @torch.no_grad()
 def matching_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> float:
     """L = mean over points and logits of (f(θ; x) − h(x))², the model in eval mode."""
@@ -126,11 +159,16 @@ def matching_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  config: MatchingConfig) -> tuple[nn.Module, MatchingStats]:
-    """Fine-tune `model` in place towards `targets` until the stopping rule holds; returns it and its stats."""
+    """Fine-tune `model` in place towards `targets` until the stopping rule holds; returns it and its stats.
+    With `config.train_blocks` = k only the last k blocks train, on the frozen trunk's outputs (`frozen_trunk`)."""
     targets = torch.as_tensor(targets, dtype=torch.float32)
     if targets.shape[0] != inputs.shape[0]:
         raise MatchingError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets; give one target row per point")
     clock = time.perf_counter()
+    full_model = model
+    trunk, model = frozen_trunk(full_model, config.train_blocks)
+    if trunk is not None:
+        inputs = trunk_outputs(trunk, inputs)
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in FUSED_ADAM_DEVICES)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
@@ -167,7 +205,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                 break
             anneal_from = opt.param_groups[0]["lr"]
     end = matching_loss(model, inputs, targets)
-    return model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
+    return full_model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
 
 
 def _plateaued(history: list[float], patience: int, threshold: float) -> bool:

@@ -8,7 +8,7 @@ stack of N models, each is in `STACKED_METHODS` too, which the evaluation runs o
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from attribution.datasets import Dataset
 from attribution.evaluation import model_logits
+from attribution.models import matching_blocks
 from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
@@ -111,8 +112,12 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
             warnings.warn(f"0 of the {len(task.forget_ids)} forget ids are fitted targets of {task.attribution}/ "
                           f"({len(fitted)} targets): matching on {len(points)} retain points only; fix: refit with "
                           f"`dmm {FIT_COMMAND[task.attribution]} --targets ids:FILE` listing them", stacklevel=2)
-    model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), task.config)
-    return Unlearned(model, {**stats.to_dict(), **extra})
+    config = task.config
+    if config.train_blocks is None:  # the model's default: the task's model, else the store's
+        config = replace(config, train_blocks=matching_blocks(task.model_name or (task.store.spec.model if task.store
+                                                                                   else None)))
+    model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), config)
+    return Unlearned(model, {**stats.to_dict(), **extra, "train_blocks": config.train_blocks})
 
 
 @register_method("dmm", needs=("store",))

@@ -1,7 +1,9 @@
 """DM-Direct, the logit-matching loop, DMM/OM requests and the ledger (matching/)."""
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import replace
 from datetime import datetime
 
 import numpy as np
@@ -218,9 +220,57 @@ def test_the_anneal_continues_the_converged_run_and_ends_lower():
     assert annealed.loss_end < 0.7 * constant.loss_end and annealed.loss_end < 0.3 * annealed.loss_start
 
 
+def test_train_blocks_matches_the_last_blocks_on_the_frozen_trunks_outputs():
+    """train_blocks = k: every weight and buffer before the last k blocks (BatchNorm's running statistics included)
+    stays bit-identical, and the last k end where the reference loop takes a copy of them when it matches on the
+    trunk's outputs computed by hand in eval mode; k at least the number of blocks is the whole model's matching."""
+    torch.manual_seed(0)
+    x, targets = torch.randn(300, 6), torch.randn(300, 4)
+
+    def net():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        model(torch.randn(32, 6))  # running statistics that are not BatchNorm's initial ones
+        return model
+
+    config = MatchingConfig(train_blocks=2, min_steps=20, anneal_steps=10)
+    original = net()
+    got, stats = match_logits(net(), x, targets, config)
+    for (name, g), w in zip(got[:3].state_dict().items(), original[:3].state_dict().values()):
+        assert torch.equal(g, w), name
+    with torch.no_grad():
+        features = original[:3].eval()(x)
+    want, (loss_start, loss_end), _, steps = reference_match(copy.deepcopy(original[3:]), features, targets, config)
+    for g, w, before in zip(got[3:].parameters(), want.parameters(), original[3:].parameters()):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        assert (g - before).abs().max() > 1e-3
+    assert stats.steps == steps and stats.loss_start == pytest.approx(loss_start, rel=1e-6)
+    assert stats.loss_end == pytest.approx(loss_end, rel=1e-6) and loss_end < 0.9 * loss_start
+    every, every_stats = match_logits(net(), x, targets, replace(config, train_blocks=0))
+    for k in (4, 9):  # the model has 4 blocks: Linear, BatchNorm1d, Linear, Linear
+        same, same_stats = match_logits(net(), x, targets, replace(config, train_blocks=k))
+        assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), every.state_dict().values()))
+        assert same_stats.loss_end == every_stats.loss_end
+
+
+def test_train_blocks_refuses_a_model_whose_children_do_not_run_in_order():
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    with pytest.raises(MatchingError, match="nn.Sequential.*train blocks 0"):
+        match_logits(TwoHeads(), torch.randn(8, 3), torch.randn(8, 2), MatchingConfig(train_blocks=1))
+
+
 @pytest.mark.parametrize("bad", [dict(min_steps=0), dict(anneal_steps=-1), dict(min_steps=10, max_steps=5), dict(batch_size=0),
                                  dict(lr=0.0), dict(lr_decay=1.5), dict(tol=-1.0), dict(patience=0),
-                                 dict(retain_ratio=-1.0), dict(max_retain=-1)])
+                                 dict(retain_ratio=-1.0), dict(max_retain=-1), dict(train_blocks=-1),
+                                 dict(train_blocks=True), dict(train_blocks=1.5)])
 def test_matching_config_refuses_bad_settings(bad):
     with pytest.raises(MatchingError):
         MatchingConfig(**bad)
@@ -396,3 +446,25 @@ def test_methods_share_one_interface(world, tmp_path):
     assert result.entry.stats == result.stats == {"note": "unchanged"}  # a method's stats reach the ledger
     assert file_sha256(tmp_path / "u.safetensors") == result.entry.output_sha256
     assert os.path.getsize(tmp_path / "u.safetensors") == os.path.getsize(world["theta0"])
+
+
+@pytest.mark.parametrize("dataset, model_name, blocks, default", [("mnist1d", "cnn1d", None, 2), ("mnist1d", "cnn1d", 0, 0),
+                                                                  ("digits", "mlp", None, 0)])
+def test_matching_trains_the_models_default_blocks_unless_told(dataset, model_name, blocks, default):
+    """DMM/OM's matching trains `attribution.models.matching_blocks` of the task's model (cnn1d: its last convolution
+    and the output layer; else every weight) unless train_blocks says otherwise; the stats record what it trained."""
+    from attribution.datasets import load_dataset
+    from attribution.models import build_model
+    from matching.methods import UnlearnTask, match_on_forget_and_retain
+
+    data = load_dataset(dataset)
+    original = build_model(model_name, data.input_shape, data.num_classes, 0)
+    logits = model_logits(original, data.all_inputs()).numpy()
+    targets = logits + np.random.default_rng(0).normal(0, 0.5, logits.shape).astype(np.float32)
+    task = UnlearnTask(model=copy.deepcopy(original), data=data, forget_ids=np.arange(8), store=None,
+                       original_logits=logits, model_name=model_name,
+                       config=MatchingConfig(min_steps=10, anneal_steps=5, train_blocks=blocks))
+    unlearned = match_on_forget_and_retain(task, targets)
+    assert unlearned.stats["train_blocks"] == default
+    moved = [not torch.equal(a, b) for a, b in zip(unlearned.model.parameters(), original.parameters())]
+    assert moved == ([False] * 4 + [True] * 4 if default == 2 else [True] * len(moved))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from attribution.models import parameter_blocks
+
 from ..errors import MatchingError
 from .stack import ModelStack, stacked_cross_entropy
 
@@ -33,8 +35,7 @@ def saliency_mask(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, fraction:
 def blocks(stack: ModelStack) -> list[list[str]]:
     """Parameter names per block, input to output: a block is a top-level child module holding parameters."""
     names = list(stack.params)
-    children = [name for name, child in stack.base.named_children() if any(True for _ in child.parameters())]
-    return [[n for n in names if n.startswith(f"{c}.")] for c in children] or [names]
+    return [[n for n in names if n.startswith(f"{c}.")] for c in parameter_blocks(stack.base)] or [names]
 
 
 def last_blocks(stack: ModelStack, k: int) -> list[str]:

@@ -67,15 +67,36 @@ class MatmulConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > MATMUL_MAX_BATCH:
             return super().forward(x)
+        return self.from_windows(self.windows(x))
+
+    def windows(self, x: torch.Tensor) -> torch.Tensor:
+        """The matmul's input side: x's windows (N, L', k·C), laid out (k, C)."""
         (k,), (stride,), (pad,) = self.kernel_size, self.stride, self.padding
         rows = F.pad(x.transpose(1, 2), (0, 0, pad, pad))  # (N, L + 2·pad, C), channels contiguous
         n, padded, c = rows.shape
         length = (padded - k) // stride + 1
         last = stride * (length - 1) + 1
-        windows = torch.stack([rows[:, j: j + last: stride] for j in range(k)], dim=-2)  # (N, L', k, C)
-        out = torch.addmm(self.bias, windows.reshape(n * length, k * c),
-                          self.weight.transpose(1, 2).reshape(self.out_channels, k * c).t())
+        return torch.stack([rows[:, j: j + last: stride] for j in range(k)], dim=-2).view(n, length, k * c)
+
+    def from_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The convolution's output (N, O, L') from its input's `windows` (N, L', k·C): one matmul with W laid out
+        (O, k·C), transposed."""
+        n, length, width = windows.shape
+        out = torch.addmm(self.bias, windows.reshape(n * length, width),
+                          self.weight.transpose(1, 2).reshape(self.out_channels, width).t())
         return out.view(n, length, self.out_channels).transpose(1, 2)
+
+
+class WindowedConv1d(nn.Module):
+    """A `MatmulConv1d` fed its input's windows instead of the input, sharing its parameters: where the input is
+    frozen (the matching's head on the frozen trunk's outputs) the windows are computed once, not at every step."""
+
+    def __init__(self, conv: MatmulConv1d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.conv.from_windows(windows)
 
 
 def cnn1d(input_shape, num_classes, channels=32) -> nn.Module:

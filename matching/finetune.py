@@ -30,7 +30,8 @@ kernel (CPU, CUDA), and the rule reads the minibatch losses instead of a full pa
 (one per step on requests of ≤ 64 points). With `train_blocks` = k only the last k blocks train, on
 the frozen trunk's outputs computed once (`frozen_trunk`): on mnist1d's CNN (k = 2 by default there,
 `attribution.models.MATCHING_BLOCKS`) a step costs half as much and KLoM is the same (README, "Matching the
-last blocks").
+last blocks"); there the convolution's windows of those outputs are computed once too, and the step's gradients are
+written out (`matching.windowed_head`: autograd's to the bit, at half a step's cost).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from torch import nn
 from attribution.models import parameter_blocks
 
 from .errors import MatchingError
+from .windowed_head import precomputed_windows, windowed_head_gradient
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch's fused Adam kernel exists; elsewhere the for-loop one
 
@@ -168,10 +170,11 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     full_model = model
     trunk, model = frozen_trunk(full_model, config.train_blocks)
     if trunk is not None:
-        inputs = trunk_outputs(trunk, inputs)
+        model, inputs = precomputed_windows(model, trunk_outputs(trunk, inputs))
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in FUSED_ADAM_DEVICES)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
+    gradient = windowed_head_gradient(model) or _autograd_gradient(model)
     order = torch.Generator().manual_seed(config.seed)
     start = matching_loss(model, inputs, targets)
     history = [start]
@@ -185,11 +188,9 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                 for group in opt.param_groups:
                     group["lr"] = anneal_from * (config.anneal_steps - annealed) / config.anneal_steps
                 annealed += 1
-            loss = F.mse_loss(model(inputs[idx].to(device)), targets[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = gradient(inputs[idx].to(device), targets[idx].to(device))
             opt.step()
-            epoch_sum += loss.detach() * len(idx)
+            epoch_sum += loss * len(idx)
             steps, grads, epoch_points = steps + 1, grads + len(idx), epoch_points + len(idx)
             if steps == config.max_steps or (anneal_from is not None and annealed == config.anneal_steps):
                 break
@@ -206,6 +207,17 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             anneal_from = opt.param_groups[0]["lr"]
     end = matching_loss(model, inputs, targets)
     return full_model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
+
+
+def _autograd_gradient(model: nn.Module):
+    """gradient(x, T): sets the model's .grad to ∂L/∂θ of L = MSE(f(θ; x), T) by autograd and returns L (detached)."""
+    def gradient(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.mse_loss(model(inputs), targets)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach()
+
+    return gradient
 
 
 def _plateaued(history: list[float], patience: int, threshold: float) -> bool:

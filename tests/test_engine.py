@@ -14,7 +14,7 @@ from torch.func import stack_module_state
 from attribution import engine
 from attribution.engine import TrainingError, derive_seeds, train_batched, train_model
 from attribution.grouped_mlp import GroupedMLP, linear_chain
-from attribution.models import MATMUL_MAX_BATCH, MatmulConv1d, build_model, mlp
+from attribution.models import MATMUL_MAX_BATCH, MatmulConv1d, WindowedConv1d, build_model, mlp
 from attribution.evaluation import accuracy, margins, model_logits
 from attribution.recipes import Recipe, RecipeError, default_recipe
 
@@ -116,6 +116,27 @@ def test_the_matmul_convolution_is_nn_conv1d(k, stride, pad):
     for unsupported in ({"dilation": 2}, {"groups": 3}, {"bias": False}):  # what the matmul does not compute
         with pytest.raises(TypeError):
             MatmulConv1d(3, 3, k, **unsupported)
+
+
+def test_the_windowed_convolution_is_the_matmul_convolution_on_precomputed_windows():
+    """WindowedConv1d on a MatmulConv1d's windows (computed once, as the matching does on frozen inputs): the same
+    outputs and parameter gradients to the bit, on the convolution's own parameters (none of its own)."""
+    torch.manual_seed(0)
+    conv = MatmulConv1d(4, 5, 3, stride=2, padding=1)
+    windowed = WindowedConv1d(conv)
+    assert [id(p) for p in windowed.parameters()] == [id(p) for p in conv.parameters()]
+    x = torch.randn(MATMUL_MAX_BATCH, 4, 11)
+    windows = conv.windows(x)
+    assert windows.shape == (MATMUL_MAX_BATCH, 6, 3 * 4)
+    assert torch.equal(windows[2, 1].view(3, 4), torch.nn.functional.pad(x, (1, 1))[2, :, 2:5].T)  # window l: 2l..2l+2
+    grads = []
+    for layer, inputs in ((conv, x), (windowed, windows)):
+        conv.zero_grad()
+        out = layer(inputs)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads.append((out.detach(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for expected, got in zip(*grads):
+        assert torch.equal(got, expected)
 
 
 def test_grouped_mlp_gradients_equal_autograd_model_by_model(digits):

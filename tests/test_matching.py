@@ -17,6 +17,7 @@ import attribution.fit_group as fit_group
 import matching.methods as methods
 from attribution.checkpoint import file_sha256, load_model
 from attribution.evaluation import accuracy, model_logits
+from attribution.models import build_model
 from attribution.store import AttributionStore, StoreSpec
 from fixtures_store import copy_store, digits_store, train_and_save, tree_hashes
 from matching.direct import dm_direct_targets
@@ -26,6 +27,7 @@ from matching.inputs import forget_set
 from matching.ledger import ids_sha256, read_ledger, store_lock
 from matching.methods import METHODS, Unlearned, get_method, register_method
 from matching.request import REQUEST_PARTS, unlearn_request
+from matching.windowed_head import precomputed_windows, windowed_head_gradient
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -254,6 +256,48 @@ def test_train_blocks_matches_the_last_blocks_on_the_frozen_trunks_outputs():
         assert same_stats.loss_end == every_stats.loss_end
 
 
+def test_train_blocks_on_cnn1d_matches_its_last_convolution_on_its_precomputed_windows():
+    """cnn1d's head starts with a convolution, whose windows of the frozen trunk's outputs the matching computes once:
+    the head ends where the reference loop takes it on the trunk's outputs (its convolution windowing them at every
+    step), and the trunk does not move."""
+    x = torch.randn(150, 40, generator=torch.Generator().manual_seed(0))
+    original = build_model("cnn1d", (40,), 10, seed=0)
+    with torch.no_grad():
+        features = original[:5].eval()(x)
+        targets = original(x) + 0.3 * torch.randn(150, 10, generator=torch.Generator().manual_seed(1))
+    config = MatchingConfig(train_blocks=2, min_steps=30, anneal_steps=10)
+    got, stats = match_logits(copy.deepcopy(original), x, targets, config)
+    assert all(torch.equal(g, w) for g, w in zip(got[:5].parameters(), original[:5].parameters()))
+    want, (loss_start, loss_end), _, steps = reference_match(copy.deepcopy(original[5:]), features, targets, config)
+    for g, w, before in zip(got[5:].parameters(), want.parameters(), original[5:].parameters()):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        assert (g - before).abs().max() > 1e-3
+    assert stats.steps == steps and stats.loss_end == pytest.approx(loss_end, rel=1e-5) and loss_end < 0.5 * loss_start
+
+
+def test_the_windowed_heads_hand_written_gradients_are_autograds():
+    """cnn1d's head on its precomputed windows: the written-out step's loss and gradients are autograd's through the
+    head on the trunk's outputs (to rounding; the same to the bit on this CPU), set on the head's own parameters; any
+    other head gets None (autograd's step)."""
+    head = build_model("cnn1d", (40,), 10, seed=0)[5:]
+    features = torch.randn(64, 32, 10, generator=torch.Generator().manual_seed(0)).relu()
+    targets = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    windowed, windows = precomputed_windows(head, features)
+    loss = windowed_head_gradient(windowed)(windows, targets)
+    got = [p.grad for p in head.parameters()]
+    head.zero_grad(set_to_none=True)
+    want = torch.nn.functional.mse_loss(head(features), targets)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=0, atol=1e-7)
+    for g, p in zip(got, head.parameters()):
+        assert g.shape == p.shape and g.is_contiguous()
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-7)
+    assert windowed_head_gradient(head) is None  # not on windows
+    no_bias = torch.nn.Sequential(*windowed[:3], torch.nn.Linear(160, 10, bias=False))
+    assert windowed_head_gradient(no_bias) is None
+    assert windowed_head_gradient(torch.nn.Sequential(*windowed[:2], windowed[3])) is None
+
+
 def test_train_blocks_refuses_a_model_whose_children_do_not_run_in_order():
     class TwoHeads(torch.nn.Module):
         def __init__(self):
@@ -454,7 +498,6 @@ def test_matching_trains_the_models_default_blocks_unless_told(dataset, model_na
     """DMM/OM's matching trains `attribution.models.matching_blocks` of the task's model (cnn1d: its last convolution
     and the output layer; else every weight) unless train_blocks says otherwise; the stats record what it trained."""
     from attribution.datasets import load_dataset
-    from attribution.models import build_model
     from matching.methods import UnlearnTask, match_on_forget_and_retain
 
     data = load_dataset(dataset)

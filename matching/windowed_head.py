@@ -11,8 +11,9 @@ the MLP's training), with W1 the kernel laid out (O, k·C) like R and flat() the
     backward  ∂Z2 = 2 (Z2 − T) / |Z2|,   ∂W2 = ∂Z2ᵀ flat(H),   ∂b2 = Σ_rows ∂Z2,
               ∂Z1 = flat⁻¹(∂Z2 W2) ⊙ [Z1 > 0],   ∂W1 = ∂Z1ᵀ R,   ∂b1 = Σ_rows ∂Z1
 
-These are the gradients autograd computes through the head, to the bit (tests/test_matching.py); a step costs about
-half as much on a CPU thread (`benchmarks/bench_unlearn.py`).
+These are the gradients autograd computes through the head (to the bit on this project's CPU; tests/test_matching.py
+holds them to 1e-7), and a step costs half as much on a CPU thread (`benchmarks/bench_matching_step.py`: 0.26 ms
+against 0.52 for 64 points).
 """
 from __future__ import annotations
 

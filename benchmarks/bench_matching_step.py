@@ -19,31 +19,25 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from attribution.models import build_model
-from matching.finetune import frozen_trunk, trunk_outputs
+from matching.finetune import autograd_gradient, frozen_trunk, trunk_outputs
 from matching.windowed_head import precomputed_windows, windowed_head_gradient
 
 POINTS, BATCH = 150, 64
 
 
 def run(head, inputs, targets, gradient, steps: int) -> float:
-    """Seconds per Adam step of `head` (in place) over `steps` minibatches of (inputs, targets) in a fixed order."""
+    """Seconds per Adam step of `head` (in place) over `steps` minibatches of (inputs, targets) in a fixed order,
+    `gradient(x, T)` setting the head's .grad."""
     opt = torch.optim.Adam(head.parameters(), lr=5e-3, fused=True)
     order = torch.Generator().manual_seed(0)
     batches = [idx for _ in range(-(-steps * BATCH // POINTS)) for idx in torch.randperm(POINTS, generator=order).split(BATCH)]
     start = time.perf_counter()
     for idx in batches[:steps]:
-        gradient(head, inputs[idx], targets[idx])
+        gradient(inputs[idx], targets[idx])
         opt.step()
     return (time.perf_counter() - start) / steps
-
-
-def autograd(head, inputs, targets) -> None:
-    loss = F.mse_loss(head(inputs), targets)
-    head.zero_grad(set_to_none=True)
-    loss.backward()
 
 
 def main() -> None:
@@ -62,10 +56,9 @@ def main() -> None:
     times = {"autograd": [], "written_out": []}
     for _ in range(args.repeats + 1):  # the first round warms both up and is not counted
         plain = copy.deepcopy(head)
-        times["autograd"].append(run(plain, features, targets, autograd, args.steps))
+        times["autograd"].append(run(plain, features, targets, autograd_gradient(plain), args.steps))
         windowed, windows = precomputed_windows(copy.deepcopy(head), features)
-        step = windowed_head_gradient(windowed)
-        times["written_out"].append(run(windowed, windows, targets, lambda _, r, t: step(r, t), args.steps))
+        times["written_out"].append(run(windowed, windows, targets, windowed_head_gradient(windowed), args.steps))
     diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), windowed.parameters()))
     ms = {side: statistics.median(t[1:]) * 1e3 for side, t in times.items()}
     ratio = ms["autograd"] / ms["written_out"]

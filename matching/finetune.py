@@ -174,7 +174,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in FUSED_ADAM_DEVICES)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
-    gradient = windowed_head_gradient(model) or _autograd_gradient(model)
+    gradient = windowed_head_gradient(model) or autograd_gradient(model)
     order = torch.Generator().manual_seed(config.seed)
     start = matching_loss(model, inputs, targets)
     history = [start]
@@ -209,7 +209,7 @@ def match_logits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     return full_model, MatchingStats(start, end, steps, epochs, annealed, grads, time.perf_counter() - clock)
 
 
-def _autograd_gradient(model: nn.Module):
+def autograd_gradient(model: nn.Module):
     """gradient(x, T): sets the model's .grad to ∂L/∂θ of L = MSE(f(θ; x), T) by autograd and returns L (detached)."""
     def gradient(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.mse_loss(model(inputs), targets)

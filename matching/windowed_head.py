@@ -12,8 +12,8 @@ the MLP's training), with W1 the kernel laid out (O, k·C) like R and flat() the
               ∂Z1 = flat⁻¹(∂Z2 W2) ⊙ [Z1 > 0],   ∂W1 = ∂Z1ᵀ R,   ∂b1 = Σ_rows ∂Z1
 
 These are the gradients autograd computes through the head (to the bit on this project's CPU; tests/test_matching.py
-holds them to 1e-7), and a step costs half as much on a CPU thread (`benchmarks/bench_matching_step.py`: 0.26 ms
-against 0.52 for 64 points).
+holds them to 1e-7), and a step costs half as much on a CPU thread (`benchmarks/bench_matching_step.py`: 0.24 ms
+against 0.51 for 64 points).
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .class_removal import CALIBRATION_CLASS_MODELS, ClassRemoval, class_removal
 from .datasets import Dataset
 from .engine import train_batched
 from .errors import DmmError
@@ -51,7 +52,23 @@ CALIBRATION_BLOCK = 2**32
 CALIBRATION_MODELS = 64    # M (the defaults of `dmm calibrate` and of an evaluation's calibration stage)
 CALIBRATION_ALPHA = 0.95   # α'
 CALIBRATION_FULL_MODELS = 16  # K, trained on all of S (seeds: block CALIBRATION_BLOCK + 1); 0: no size term
+CLASS_BLOCK = CALIBRATION_BLOCK + 2  # class c's K_c models on S ∖ S_c: block CLASS_BLOCK + c (class_removal.py)
 SCALES_FITTED_ON = "margins"  # what c_self, c_cross are fitted on (module docstring); earlier stores: all k logits
+
+
+ARRAY_FIELDS = ("size_effect", "forget_spread", "class_removal")  # DeletionScale's fields kept as arrays
+
+
+def resolve_class_models(class_models: int | None, full_models: int) -> int:
+    """K_c: as given, or by default (None) CALIBRATION_CLASS_MODELS where K >= 2 full-data models give Var_S, else 0;
+    a one-line error for K_c > 0 without them."""
+    if class_models is None:
+        return CALIBRATION_CLASS_MODELS if full_models >= 2 else 0
+    if class_models < 0 or (class_models and (class_models < 2 or full_models < 2)):
+        raise DmmError(f"{class_models} class models with {full_models} full-data models: the whole-class term needs "
+                       "K_c >= 2 models per class and K >= 2 full-data models; e.g. --class-models 4 --full-models 16 "
+                       "(a spec's calibration_class_models, calibration_full_models), or 0 class models for none")
+    return class_models
 
 
 @dataclass(frozen=True)
@@ -68,9 +85,11 @@ class DeletionScale:
     size_effect: np.ndarray | None = field(default=None, compare=False, repr=False)  # n·γ'_x (|T|, k), not an attr
     forget_spread: np.ndarray | None = field(default=None, compare=False, repr=False)  # s_x (n_train,), not an attr
     fitted_on: str = SCALES_FITTED_ON  # the outputs c_self, c_cross were fitted on
+    class_models: int = 0  # K_c per class (0: no whole-class term, attribution/class_removal.py)
+    class_removal: ClassRemoval | None = field(default=None, compare=False, repr=False)  # Δ_c, s^c_x: not attrs
 
     def to_attrs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("size_effect", "forget_spread")}
+        return {k: v for k, v in asdict(self).items() if k not in ARRAY_FIELDS}
 
     @property
     def size_rms(self) -> float:
@@ -150,15 +169,17 @@ def _full_data_size_effect(fit: FitGroup, full_mean: np.ndarray, c_self: float, 
 
 def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, alpha: float = CALIBRATION_ALPHA,
               max_targets: int = 1024, device: str = "cpu", trust_code: bool = False,
-              full_models: int = CALIBRATION_FULL_MODELS) -> DeletionScale:
+              full_models: int = CALIBRATION_FULL_MODELS, class_models: int | None = None) -> DeletionScale:
     """Train M models on α'-subsets of S (the store's model, recipe and seed) and fit c_self, c_cross and the forget
-    spread (γ, s_x), then K on all of S for the size effect (K = 0: none); nothing is written. A
-    `module:callable` model named by the store is imported only with `trust_code`."""
+    spread (γ, s_x), then K on all of S for the size effect (K = 0: none) and K_c per class on S ∖ S_c for whole-class
+    deletions (`resolve_class_models`; 0: none); nothing is written. A `module:callable` model named by the store is
+    imported only with `trust_code`."""
     spec = fit.store.spec
     require_consent(spec.model, f"store {fit.store.url}", trust_code)
     if models < 2 or full_models < 0:
         raise DmmError(f"--models {models} / --full-models {full_models}: the fit needs at least 2 calibration "
                        "models and K >= 0 full-data models; e.g. --models 64 --full-models 16")
+    class_models = resolve_class_models(class_models, full_models)
     masks, seeds = block_subsets(spec.seed, CALIBRATION_BLOCK, models, data.n_train, alpha)
     columns = [fit.target_slice(c) for c in sample_target_chunks(fit, max_targets, spec.seed)]
     points = np.concatenate([fit.fitted_points()[sl] for sl in columns])
@@ -184,5 +205,7 @@ def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, al
     else:  # the α'-models', whose subsets differ too: a little above it
         reference = masked_variance(margins_of(trained.logits[:, :n].cpu().numpy(), labels), masks)
     gamma, spread = forget_spread(*subset_variances(fit.store, labels), reference)
+    whole = None if not class_models else class_removal(spec, data, class_models, full, fit.fitted_points(),
+                                                        CLASS_BLOCK, device)
     return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation, full_models, gamma,
-                         size_effect=size, forget_spread=spread)
+                         size_effect=size, forget_spread=spread, class_models=class_models, class_removal=whole)

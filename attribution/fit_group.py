@@ -25,12 +25,16 @@ from .store_zarr import ARRAY_CONFIG, COMPRESSORS, array_attrs, delete_dir, get_
 from .target_subset import IDS, Targets, group_targets
 
 if TYPE_CHECKING:
+    from .class_removal import ClassRemoval
     from .store import AttributionStore
 
 FIT_PREFIXES = ("datamodels", "trak")
 DELETION_SCALE = "deletion_scale"  # the group attr `dmm calibrate` writes (attribution/deletion_scale.py)
 SIZE_EFFECT = "size_effect"        # and the array of n·γ'_x it writes beside it when it trained full-data models
 FORGET_SPREAD = "forget_spread"    # and the array of s_x (attribution/forget_spread.py)
+CLASS_ARRAYS = {"shift": ("class_shift", "Δ_c: the mean logits' shift when all of class c leaves S (C × |T| × k)"),
+                "spread": ("class_spread", "s^c_x: x's extra margin sd when all of its class leaves S"),
+                "labels": ("class_labels", "y_x: the training labels that define each class")}
 ROW_BATCH = 256  # rows summed per read, bounding memory at ROW_BATCH × n_points × k
 
 
@@ -240,22 +244,44 @@ class FitGroup:
             return None
         return np.asarray(self.store.group[self.prefix][FORGET_SPREAD][...])
 
+    @functools.cached_property
+    def class_labels(self) -> np.ndarray | None:
+        """The labels that define the classes of the whole-class term (attribution/class_removal.py); None if the
+        calibration trained no class models. All a request without a whole class reads of it."""
+        if not self.attrs.get(DELETION_SCALE, {}).get("class_models"):
+            return None
+        return np.asarray(self.store.group[self.prefix][CLASS_ARRAYS["labels"][0]][...])
+
+    @functools.cached_property
+    def class_removal(self) -> ClassRemoval | None:
+        """Δ_c and s^c_x (attribution/class_removal.py), their arrays opened, read where indexed; None as
+        `class_labels`."""
+        if self.class_labels is None:
+            return None
+        from .class_removal import ClassRemoval  # trains models too: torch, imported only where a store has it
+        group = self.store.group[self.prefix]
+        return ClassRemoval(group[CLASS_ARRAYS["shift"][0]], group[CLASS_ARRAYS["spread"][0]], self.class_labels)
+
     def write_deletion_scale(self, record: dict, size_effect: np.ndarray | None = None,
-                             forget_spread: np.ndarray | None = None) -> None:
-        """Keep `dmm calibrate`'s result in the group's attrs, and its size effect (|T|, k) and forget spread (n_train,)
-        beside them (the driver writes them, once per calibration: the arrays first, so the record never names a
-        missing one)."""
+                             forget_spread: np.ndarray | None = None, class_removal: ClassRemoval | None = None) -> None:
+        """Keep `dmm calibrate`'s result in the group's attrs, and its size effect (|T|, k), forget spread (n_train,)
+        and whole-class term beside them (the driver writes them, once per calibration: the arrays first, so the
+        record never names a missing one)."""
         self.store._require_writable()
         group = self.store.group[self.prefix]
-        for name, array, doc in ((SIZE_EFFECT, size_effect, "n·γ'_x: the training set size's effect on (x, c), per "
-                                  "point added, times n"),
-                                 (FORGET_SPREAD, forget_spread, "s_x: a retrained model's extra margin sd on x")):
+        arrays = [(SIZE_EFFECT, size_effect, "n·γ'_x: the training set size's effect on (x, c), per point added, "
+                   "times n"), (FORGET_SPREAD, forget_spread, "s_x: a retrained model's extra margin sd on x")]
+        if class_removal is not None:
+            arrays += [(name, getattr(class_removal, field), doc) for field, (name, doc) in CLASS_ARRAYS.items()]
+        for name, array, doc in arrays:
             if array is not None:
-                group.create_array(name, data=np.asarray(array, dtype=np.float32), overwrite=True, chunks=array.shape,
-                                   compressors=COMPRESSORS, config=ARRAY_CONFIG,
-                                   attributes=array_attrs(self.store.spec.fingerprint, doc))
+                array = np.asarray(array, dtype=np.float32 if np.asarray(array).dtype.kind == "f" else None)
+                group.create_array(name, data=array, overwrite=True, chunks=array.shape, compressors=COMPRESSORS,
+                                   config=ARRAY_CONFIG, attributes=array_attrs(self.store.spec.fingerprint, doc))
         group.attrs.update({DELETION_SCALE: record})
         self.attrs[DELETION_SCALE] = record
+        for name in ("class_labels", "class_removal"):  # opened from the record before: reopen from this one
+            self.__dict__.pop(name, None)
 
     def completed_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(np.asarray(self.done[:], dtype=bool))]

@@ -68,13 +68,20 @@ _SCHEMA_ROWS: tuple[tuple[str, str, str, str, str], ...] = (
      "s_x: a retrained model's extra margin sd on training point x (attribution/forget_spread.py), written by "
      "`dmm calibrate` with `deletion_scale`, whose spread_gamma is its γ; DMM adds a·s_x·N(0, 1) to the "
      "true-class targets of F (a = 1 by default, `--spread a`)"),
+    ("`datamodels/class_shift`", "C × p × k", "float32", "C × p × k",
+     "Δ_c(x): the mean logits' shift when all of class c leaves S (attribution/class_removal.py), written by "
+     "`dmm calibrate --class-models K_c` (K_c > 0, with K ≥ 2) with `deletion_scale`, which names K_c; DM-Direct "
+     "adds it for every class F holds whole"),
+    ("`datamodels/class_spread`, `datamodels/class_labels`", "n", "float32, int32", "n",
+     "s^c_x, x's extra margin sd over seeds when all of its class leaves S (DMM's spread on such an F, one draw per "
+     "class), and the labels y_x that define the classes"),
     ("`datamodels/` (group attrs)", "—", "—", "—",
      "kind, target_chunk, row_chunk, the fit's config; `deletion_scale` once `dmm calibrate` ran: scale_self, "
-     "scale_cross, models, alpha, targets, correlation, full_models, spread_gamma, fitted_on (margins; a refit drops "
-     "it, `size_effect` and `forget_spread`: c = 1)"),
+     "scale_cross, models, alpha, targets, correlation, full_models, spread_gamma, fitted_on (margins), "
+     "class_models (a refit drops it, `size_effect`, `forget_spread` and the class arrays: c = 1)"),
     ("`trak/*`", "as `datamodels/*`", "as `datamodels/*`", "as `datamodels/*`",
      "the same matrices estimated by TRAK; attr config.calibration_blocks: the subset blocks it calibrates on; "
-     "its own `deletion_scale`, `size_effect` and `forget_spread`"),
+     "its own `deletion_scale`, `size_effect`, `forget_spread` and class arrays"),
     ("`trak/checkpoints/<name>`", "C × shape", "as the model", "C × shape",
      "state-dict entry `name` of the C checkpoints TRAK scores with (attrs count, names set after data)"),
     ("`original/logits`", "p × k", "float32", "p × k",

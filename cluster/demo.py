@@ -16,6 +16,7 @@ import torch
 
 from attribution.checkpoint import load_model, model_meta, save_model
 from attribution.datasets import DEFAULT_DATASET, load_dataset
+from attribution.class_removal import CALIBRATION_CLASS_MODELS
 from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS
 from attribution.engine import train_model
 from attribution.evaluation import accuracy, model_logits
@@ -63,12 +64,14 @@ def run_demo(out_dir: str = "demo_out", num_models: int = 2048, forget_per_reque
     report = fit_store(store_url, resume_config(store_url))  # a store fitted under other settings is finished with them
     print("\n".join(format_report(report)) + f" ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"calibrate: β's deletion scales ({CALIBRATION_MODELS} models on α' = {CALIBRATION_ALPHA} subsets) and "
-               f"the training set size's effect ({CALIBRATION_FULL_MODELS} models on all of S)")
+    t = _stage(f"calibrate: β's deletion scales ({CALIBRATION_MODELS} models on α' = {CALIBRATION_ALPHA} subsets), "
+               f"the training set size's effect ({CALIBRATION_FULL_MODELS} models on all of S) and whole-class deletions "
+               f"({CALIBRATION_CLASS_MODELS} models per class without it)")
     c = calibrate_store(store_url)
     print(f"c_self = {c.scale_self:.3f}, c_cross = {c.scale_cross:.3f} (on the margins of {c.targets} targets, "
           f"correlation {c.correlation:.3f}); rms n·γ' {c.size_rms:.3f}; DMM's spread on F: γ = {c.spread_gamma:.3f}, "
-          f"mean s_x {c.forget_spread.mean():.3f} ({time.perf_counter() - t:.0f} s)")
+          f"mean s_x {c.forget_spread.mean():.3f}; {c.class_models * data.num_classes} class models "
+          f"({time.perf_counter() - t:.0f} s)")
 
     t = _stage("θ0: the original model on all of S")
     theta0 = out / "theta0.safetensors"

@@ -17,6 +17,8 @@ attribution:               # where DM-Direct's β comes from
   calibration_models: 64       # M models on α'-subsets fit β's deletion scales (`dmm calibrate`); 0: the store's
   calibration_alpha: 0.95      # α'
   calibration_full_models: 16  # K models on all of S measure the training set size's effect; 0: none
+  calibration_class_models: 16 # K_c models per class on S minus the class measure whole-class deletions; 0: none
+                               # (omitted: 16 where K >= 2, else 0)
 forget_sets: [random:50:0, class:3:50, pc:1:50:top]
 methods:                   # name: hyperparameters (the fields of its config class in matching.methods)
   nothing: {}
@@ -40,7 +42,8 @@ from pathlib import Path
 
 import yaml
 
-from attribution.deletion_scale import CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS
+from attribution.deletion_scale import (CALIBRATION_ALPHA, CALIBRATION_FULL_MODELS, CALIBRATION_MODELS,
+                                        resolve_class_models)
 from attribution.errors import DmmError
 from attribution.lds import MIN_MODELS
 from matching.forget_sets import parse_forget_set
@@ -85,6 +88,7 @@ class AttributionSource:
     calibration_models: int = CALIBRATION_MODELS
     calibration_alpha: float = CALIBRATION_ALPHA
     calibration_full_models: int = CALIBRATION_FULL_MODELS
+    calibration_class_models: int | None = None  # K_c; None: `resolve_class_models`'s default
 
     def __post_init__(self):
         if self.store is None and self.num_models is None:
@@ -101,6 +105,10 @@ class AttributionSource:
             raise SpecError(f"`attribution.calibration_models` {self.calibration_models} / `calibration_alpha` "
                             f"{self.calibration_alpha} / `calibration_full_models` {self.calibration_full_models}: "
                             "give M = 0 (keep the store's calibration) or M >= 2, 0 < α' < 1 and K >= 0")
+        try:
+            resolve_class_models(self.calibration_class_models, self.calibration_full_models)
+        except DmmError as e:
+            raise SpecError(f"`attribution.calibration_class_models`: {e}") from None
         if self.source not in ATTRIBUTION_SOURCES:
             raise SpecError(f"`attribution.source` is {self.source!r}; use one of {', '.join(ATTRIBUTION_SOURCES)}")
 

@@ -95,16 +95,16 @@ def attribution_stage(config: dict, out: Path, inputs: dict) -> None:
 
 
 def calibration_is_current(have: dict, config: dict) -> bool:
-    """Whether the store's `deletion_scale` record is the one the stage asks for: the same M, α' and K, with the
+    """Whether the store's `deletion_scale` record is the one the stage asks for: the same M, α', K and K_c, with the
     forget spread and scales fitted on margins (a store calibrated before either is recalibrated)."""
-    return ((have.get("models"), have.get("alpha"), have.get("full_models", 0))
-            == (config["models"], config["alpha"], config["full_models"])
+    return ((have.get("models"), have.get("alpha"), have.get("full_models", 0), have.get("class_models", 0))
+            == (config["models"], config["alpha"], config["full_models"], config["class_models"])
             and "spread_gamma" in have and have.get("fitted_on") == config["fitted_on"])
 
 
 def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
-    """Give the store's β the deletion scales of M models on α'-subsets, the size effect of K models on all of S and
-    the forget spread (kept if it has them all); record them."""
+    """Give the store's β the deletion scales of M models on α'-subsets, the size effect of K models on all of S, the
+    forget spread and the whole-class term of K_c models per class (kept if it has them all); record them."""
     from .commands_calibrate import calibrate_store
 
     fit = fitted_group(_store(inputs), config["source"])
@@ -112,7 +112,7 @@ def calibration_stage(config: dict, out: Path, inputs: dict) -> None:
     if config["models"] and not calibration_is_current(have, config):
         have = calibrate_store(fit.store.url, config["source"], config["models"], config["alpha"],
                                trust_code=True,  # the spec had consent for the store's model (experiment_stages)
-                               full_models=config["full_models"]).to_attrs()
+                               full_models=config["full_models"], class_models=config["class_models"]).to_attrs()
     _write_json(out / "calibration.json", {"scale_self": have.get("scale_self", 1.0),
                                            "scale_cross": have.get("scale_cross", 1.0),
                                            "full_models": have.get("full_models", 0)})

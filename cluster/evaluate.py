@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution.datasets import load_dataset
-from attribution.deletion_scale import SCALES_FITTED_ON
+from attribution.deletion_scale import SCALES_FITTED_ON, resolve_class_models
 from attribution.errors import DmmError
 from attribution.fit_group import DELETION_SCALE
 from attribution.models import require_consent
@@ -96,11 +96,12 @@ def _attribution_config(spec: ExperimentSpec, out: Path, data) -> dict:
 
 
 def calibration_config(a: AttributionSource, url: str) -> dict:
-    """The calibration stage's config: M, α', K and the source (and that it measures the forget spread and fits the
+    """The calibration stage's config: M, α', K, K_c and the source (and that it measures the forget spread and fits the
     scales on margins: a cache from before either recalibrates); with M = 0 the store's record (read now), which it
     keeps."""
     config = {"source": a.source, "models": a.calibration_models, "alpha": a.calibration_alpha,
-              "full_models": a.calibration_full_models, "forget_spread": True, "fitted_on": SCALES_FITTED_ON}
+              "full_models": a.calibration_full_models, "forget_spread": True, "fitted_on": SCALES_FITTED_ON,
+              "class_models": resolve_class_models(a.calibration_class_models, a.calibration_full_models)}
     if a.calibration_models == 0 and _store_exists(url):
         store = AttributionStore.open(url, "r")
         config["store_calibration"] = (store.fit_group(a.source).attrs.get(DELETION_SCALE)

@@ -2,7 +2,8 @@
 
 h(x) = f_x(θ0) − c_cross·Σ_{i∈F} β_{i,x,:} − (c_self − c_cross)·β_{x,x,:}·[x ∈ F] − |F|·γ'_{x,:} with the fit group's
 deletion scales and size effect (`dmm calibrate`, attribution/deletion_scale.py); c_self = c_cross = 1 and γ' = 0
-where it was never calibrated.
+where it was never calibrated. A class F holds whole (S_c ⊆ F) leaves the sum: its measured shift Δ_c(x) is added
+instead, where the calibration trained class models (attribution/class_removal.py).
 
 Only the weight rows β_{i,·,·} of i ∈ F are read from the store. The result serves as the
 DMM targets and, on its own, as the "DM-Direct" predictor (no weights change, outputs corrected).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attribution.class_removal import classes_held_whole
 from attribution.evaluation import model_logits
 from attribution.fit_group import fit_group_attrs
 from attribution.store import FIT_PREFIXES, AttributionStore, FitGroup
@@ -45,9 +47,28 @@ def fitted_group(store: AttributionStore, attribution: str, every_target: bool =
     return fit
 
 
+def whole_classes(fit: FitGroup, forget_ids) -> list[int]:
+    """The classes F holds whole that the fit group has a measured shift for (none without class models)."""
+    labels = fit.class_labels
+    return [] if labels is None else classes_held_whole(labels, forget_ids)
+
+
 def forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:
-    """f_x(θ0) − h(x) for every fitted point x (train then held-out): float64 (|T|, k), i.e.
-    c_cross·Σ_{i∈F} β_{i,x} + (c_self − c_cross)·β_{x,x}·[x ∈ F] + |F|·γ'_x (attribution/deletion_scale.py)."""
+    """f_x(θ0) − h(x) for every fitted point x (train then held-out): float64 (|T|, k), i.e. − Σ_c Δ_c(x) over the
+    classes F holds whole (`whole_classes`) plus, over the rest F' of F, c_cross·Σ_{i∈F'} β_{i,x} +
+    (c_self − c_cross)·β_{x,x}·[x ∈ F'] + |F'|·γ'_x (attribution/deletion_scale.py)."""
+    forget_ids = np.asarray(forget_ids, dtype=np.int64)
+    whole = whole_classes(fit, forget_ids)
+    if not whole:
+        return linear_forget_effect(fit, forget_ids)
+    removal = fit.class_removal
+    rest = forget_ids[~np.isin(removal.labels[forget_ids], whole)]
+    linear = linear_forget_effect(fit, rest) if len(rest) else 0.0
+    return linear - removal.effect(whole)
+
+
+def linear_forget_effect(fit: FitGroup, forget_ids: np.ndarray) -> np.ndarray:
+    """c_cross·Σ_{i∈F} β_{i,x} + (c_self − c_cross)·β_{x,x}·[x ∈ F] + |F|·γ'_x: the datamodels' effect of F, scaled."""
     c_self, c_cross = fit.deletion_scales
     total, own = fit.sum_and_own_rows(forget_ids)
     effect = c_cross * total
@@ -119,14 +140,19 @@ def spread_scale(requested: float | None, fit: FitGroup) -> float:
 def with_forget_spread(targets: np.ndarray, fit: FitGroup, forget_ids, labels: np.ndarray, scale: float,
                        seed: int) -> np.ndarray:
     """h with a·s_x·z_x added to the true-class logit of every x ∈ F, z_x ~ N(0, 1) drawn from `seed`
-    (attribution/forget_spread.py): a draw of the retrained models' margins around DM-Direct's mean."""
+    (attribution/forget_spread.py): a draw of the retrained models' margins around DM-Direct's mean. On a class F
+    holds whole s_x is that class's measured s^c_x and z_x one draw for the class (`ClassRemoval.forget_draw`)."""
     spread = fit.forget_spread
     if spread is None:
         raise MatchingError(f"spread {scale}: {fit.prefix}/ of {fit.store.url} has no forget spread (calibrated before "
                             f"it existed, or never); fix: rerun `dmm calibrate --store {fit.store.url} --attribution "
                             f"{fit.prefix}`, or use spread 0")
     forget_ids = np.asarray(forget_ids, dtype=np.int64)
-    z = np.random.default_rng([seed, SPREAD_STREAM]).standard_normal(len(forget_ids))
+    rng = np.random.default_rng([seed, SPREAD_STREAM])
+    spread, z = spread[forget_ids], rng.standard_normal(len(forget_ids))
+    whole = whole_classes(fit, forget_ids)
+    if whole:
+        spread, z = fit.class_removal.forget_draw(forget_ids, whole, spread, z, rng)
     out = np.array(targets, copy=True)
-    out[forget_ids, labels[forget_ids]] += (scale * spread[forget_ids] * z).astype(out.dtype)
+    out[forget_ids, labels[forget_ids]] += (scale * spread * z).astype(out.dtype)
     return out

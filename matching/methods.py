@@ -23,7 +23,7 @@ from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
-from .direct import FIT_COMMAND, fit_targets, fitted_group, spread_scale, with_forget_spread
+from .direct import FIT_COMMAND, fit_targets, fitted_group, spread_scale, whole_classes, with_forget_spread
 from .errors import MatchingError
 from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
@@ -123,18 +123,20 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
 @register_method("dmm", needs=("store",))
 def datamodel_matching(task: UnlearnTask) -> Unlearned:
     """DMM: match DM-Direct's h(x) = f_x(θ0) − Σ_{i∈F} β_{i,x,:} (calibrated: `matching.direct`), on F a draw around it
-    with spread a > 0 (`with_forget_spread`; by default a = 1 where the store has s_x). The stats record a."""
+    with spread a > 0 (`with_forget_spread`; by default a = 1 where the store has s_x). The stats record a and the
+    classes F holds whole, whose measured shift replaced the datamodels' sum (attribution/class_removal.py)."""
     if task.oracles:
         raise MatchingError("--oracles is for --method om; drop it for dmm")
     if task.store is None:
         raise MatchingError("dmm needs an attribution store with fitted datamodels; pass --store")
     fit = fitted_group(task.store, task.attribution)
     targets = fit_targets(fit, task.forget_ids, task.original_logits)
+    whole = whole_classes(fit, task.forget_ids)
     spread = spread_scale(task.config.spread, fit)
     if spread:
         targets = with_forget_spread(targets, fit, task.forget_ids, task.data.y_train.numpy(), spread, task.config.seed)
     matched = match_on_forget_and_retain(task, targets)
-    return Unlearned(matched.model, {**matched.stats, "spread": spread})
+    return Unlearned(matched.model, {**matched.stats, "spread": spread, "whole_classes": whole})
 
 
 def oracle_logits(task: UnlearnTask) -> np.ndarray:

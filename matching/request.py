@@ -145,10 +145,12 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
 
 def _stats_text(stats: dict) -> str:
     """`; matching loss 1.23 -> 0.0456 in 300 steps` for methods that report a matching loss (DMM: `, spread 1 on F`
-    as well), and a warning where it ended above its start (the steps moved the model away from its targets)."""
+    and the classes F holds whole as well), and a warning where it ended above its start (the steps moved the model away from its targets)."""
     if "loss_start" not in stats:
         return ""
     spread = f", spread {stats['spread']:g} on F" if "spread" in stats else ""
+    if stats.get("whole_classes"):
+        spread += f", class {', '.join(map(str, stats['whole_classes']))} whole: its measured shift"
     rose = (" — above its start: the fine-tuning moved away from its targets; lower --lr or raise --anneal-steps"
             if stats["loss_end"] > stats["loss_start"] else "")
     return (f"; matching loss {stats['loss_start']:.3g} -> {stats['loss_end']:.3g} in {stats['steps']} steps"

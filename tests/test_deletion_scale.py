@@ -100,8 +100,9 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
     store = AttributionStore.open(fixture.url)
     fit = store.fit_group("datamodels")
     data, models, alpha = fixture.data, 5, 0.9
-    result = calibrate(fit, data, models=models, alpha=alpha, max_targets=data.n_points, full_models=2)
+    result = calibrate(fit, data, models=models, alpha=alpha, max_targets=data.n_points, full_models=2, class_models=2)
     assert (result.models, result.alpha, result.targets, result.full_models) == (models, alpha, data.n_points, 2)
+    assert result.class_models == 2 and result.to_attrs()["class_models"] == 2
 
     masks, seeds = block_subsets(store.spec.seed, CALIBRATION_BLOCK, models, data.n_train, alpha)
     bias = np.asarray(fit.bias[:], dtype=np.float64)
@@ -139,11 +140,28 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
                - result.scale_cross * (total - own) - result.scale_self * own)
     np.testing.assert_allclose(result.size_effect, n_gamma, atol=2e-3)
 
-    # the forget spread: γ² = mean Var of the full-data models' margins (point by point) over the store's Var_in
+    # the whole-class term: per class, two models on S ∖ S_c alone; Δ_c their mean logits minus the full ones', s^c the
+    # sd their margins add to the full models' on the class's points (ddof 1 both)
     labels = data.y_train.numpy()
+    full_margins = margins(torch.from_numpy(np.stack(fulls)[:, :data.n_train]), torch.from_numpy(labels)).numpy()
+    removal = result.class_removal
+    assert removal.shift.shape == (data.num_classes, data.n_points, data.num_classes)
+    np.testing.assert_array_equal(removal.labels, labels)
+    for c in (0, data.num_classes - 1):  # two of the classes, by the independent path
+        without_c = [model_logits(train_model(fixture.model, data, fixture.recipe, int(seed), labels != c),
+                                  data.all_inputs()).numpy().astype(np.float64)
+                     for seed in block_seeds(store.spec.seed, CALIBRATION_BLOCK + 2 + c, 2)]
+        np.testing.assert_allclose(removal.shift[c], np.mean(without_c, 0) - full, atol=2e-3)
+        members = labels == c
+        m_c = margins(torch.from_numpy(np.stack(without_c)[:, :data.n_train]), torch.from_numpy(labels)).numpy()
+        extra = np.var(m_c[:, members], axis=0, ddof=1) - np.var(full_margins[:, members], axis=0, ddof=1)
+        np.testing.assert_allclose(removal.spread[members], np.sqrt(np.maximum(extra, 0)), rtol=2e-3, atol=2e-3)
+        assert removal.shift[c][np.flatnonzero(data.all_labels().numpy() == c), c].mean() < -1  # class c's logit falls
+
+    # the forget spread: γ² = mean Var of the full-data models' margins (point by point) over the store's Var_in
     m = np.stack([margins(torch.from_numpy(f[:data.n_train]), torch.from_numpy(labels)).numpy() for f in fulls])
     var_in, var_out = subset_variances(store, labels)
-    gamma = np.sqrt(np.var(m, axis=0).mean() / np.nanmean(var_in))
+    gamma = np.sqrt(np.var(m, axis=0).mean() / np.nanmean(var_in))  # ddof 0, as masked_variance
     assert result.spread_gamma == pytest.approx(gamma, rel=1e-3)
     np.testing.assert_allclose(result.forget_spread, gamma * np.sqrt(np.maximum(var_out - var_in, 0)), rtol=2e-3,
                                atol=1e-5)
@@ -152,6 +170,7 @@ def test_calibrate_is_the_fit_of_one_at_a_time_models_on_looped_predictions(fixt
     m = np.stack([margins(torch.from_numpy(l[:data.n_train]), torch.from_numpy(labels)).numpy() for l in y])
     near_full = np.array([np.var(m[masks[:, x], x]) if masks[:, x].sum() >= 2 else np.nan for x in range(data.n_train)])
     assert without.spread_gamma == pytest.approx(np.sqrt(np.nanmean(near_full) / np.nanmean(var_in)), rel=1e-3)
+    assert without.class_models == 0 and without.class_removal is None  # K = 0: no Var_S, so no class term by default
 
 
 def test_the_cli_keeps_c_in_the_group_and_refuses_bad_input_in_one_line(run_dmm, fixture, tmp_path):
@@ -160,6 +179,7 @@ def test_the_cli_keeps_c_in_the_group_and_refuses_bad_input_in_one_line(run_dmm,
     for args, message in ((["--models", "1"], "needs at least 2 calibration models"),
                           (["--full-models", "-1"], "K >= 0 full-data models"),
                           (["--alpha", "1.0"], "alpha=1.0 must lie strictly between 0 and 1"),
+                          (["--class-models", "2", "--full-models", "0"], "needs K_c >= 2 models per class and K >= 2"),
                           (["--attribution", "trak"], "has no fitted trak")):
         result = run_dmm(["calibrate", "--store", url, *args])
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
@@ -173,6 +193,8 @@ def test_the_cli_keeps_c_in_the_group_and_refuses_bad_input_in_one_line(run_dmm,
     assert size.shape == (fixture.data.n_points, 10) and np.abs(size).max() > 0
     assert fit.forget_spread.shape == (fixture.data.n_train,) and (fit.forget_spread >= 0).all()
     assert f"forget spread γ = {record['spread_gamma']:.3f}" in result.stdout
+    assert record["class_models"] == 16 and "16 models per class without it" in result.stdout  # K >= 2: K_c = 16
+    assert fit.class_removal.shift.shape == (10, fixture.data.n_points, 10)
     assert f"c_self = {record['scale_self']:.4f}, c_cross = {record['scale_cross']:.4f}" in result.stdout
     assert "− |F|·γ'_x" in result.stdout
     again = run_dmm(["calibrate", "--store", url, "--models", "4", "--full-models", "2"])  # the same c, γ' to the bit

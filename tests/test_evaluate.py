@@ -129,6 +129,9 @@ def test_calibration_settings_key_the_store_methods_and_nothing_else(fixture, tm
     assert {n for n in default if default[n] != other[n]} == {"calibration"} | store_readers
     no_size = keys(calibration_full_models=0)
     assert {n for n in default if default[n] != no_size[n]} == {"calibration"} | store_readers
+    no_class = keys(calibration_class_models=0)
+    assert {n for n in default if default[n] != no_class[n]} == {"calibration"} | store_readers
+    assert keys(calibration_class_models=16) == default  # K_c = 16 is the default where K >= 2
     kept = keys(calibration_models=0)
     AttributionStore.open(url, "r+").fit_group("datamodels").write_deletion_scale({"scale_self": 0.5, "scale_cross": 0.5})
     assert keys() == default
@@ -142,9 +145,11 @@ def test_calibration_settings_key_the_store_methods_and_nothing_else(fixture, tm
     ({"fitted_on": None}, False),          # fitted on all k logits, before margins: recalibrated
     ({"spread_gamma": None}, False),       # before the forget spread
     ({"models": 32}, False), ({"alpha": 0.9}, False), ({"full_models": 0}, False),
+    ({"class_models": None}, False),       # before the whole-class term (or without it)
+    ({"class_models": 8}, False),
 ])
 def test_the_calibration_stage_keeps_only_a_store_record_of_what_it_asks_for(change, current):
-    config = {"models": 64, "alpha": 0.95, "full_models": 16, "fitted_on": "margins"}
+    config = {"models": 64, "alpha": 0.95, "full_models": 16, "fitted_on": "margins", "class_models": 16}
     have = {**config, "scale_self": 0.8, "scale_cross": 0.7, "spread_gamma": 0.6}
     have = {k: v for k, v in {**have, **change}.items() if v is not None}
     assert eval_stages.calibration_is_current(have, config) is current
@@ -240,6 +245,8 @@ def test_oracles_never_see_a_forgotten_id(fixture, tmp_path, monkeypatch):
     ({"attribution": {"num_models": 64, "block_size": 0}}, SpecError, "block_size` is 0; give a positive int"),
     ({"attribution": {"store": "s.zarr", "calibration_models": 1}}, SpecError, "full_models` 16: give M = 0"),
     ({"attribution": {"store": "s.zarr", "calibration_full_models": -1}}, SpecError, "and K >= 0"),
+    ({"attribution": {"store": "s.zarr", "calibration_full_models": 0, "calibration_class_models": 2}}, SpecError,
+     "calibration_class_models`: 2 class models with 0 full-data models: the whole-class term needs"),
 ])
 def test_bad_specs_get_one_line_errors_naming_the_valid_values(fixture, change, error, match):
     with pytest.raises(error, match=match.replace("|", r"\|").replace("(", r"\(")):

@@ -65,15 +65,11 @@ def classes_held_whole(labels: np.ndarray, forget_ids) -> list[int]:
     return [int(c) for c in np.flatnonzero((counts > 0) & (forgotten == counts))]
 
 
-def sample_variance(values: np.ndarray) -> np.ndarray:
-    """The variance over the first axis with ddof 1 (NaN below 2 rows)."""
-    return values.var(axis=0, ddof=1) if len(values) >= 2 else np.full(values.shape[1:], np.nan)
-
-
-def class_removal(spec, data: Dataset, class_models: int, full_logits: np.ndarray, fitted_points: np.ndarray,
-                  seed_block: int, device: str = "cpu") -> ClassRemoval:
-    """Train K_c models on S ∖ S_c per class c (all C·K_c at once, stacked; the store spec's model, recipe and seed)
-    and measure Δ and s^c against the full-data models' logits `full_logits` (K, p, k); Δ on the fitted points."""
+def measure_class_removal(spec, data: Dataset, class_models: int, full_logits: np.ndarray, fitted_points: np.ndarray,
+                          seed_block: int, device: str = "cpu") -> ClassRemoval:
+    """Train K_c ≥ 2 models on S ∖ S_c per class c (all C·K_c at once, stacked; the store spec's model, recipe and
+    seed) and measure Δ and s^c against the K ≥ 2 full-data models' logits `full_logits` (K, p, k); Δ on the fitted
+    points (`deletion_scale.resolve_class_models` holds both counts to 2 at least)."""
     labels = data.y_train.numpy()
     classes = range(data.num_classes)
     masks = np.repeat(np.stack([labels != c for c in classes]), class_models, axis=0)
@@ -84,10 +80,10 @@ def class_removal(spec, data: Dataset, class_models: int, full_logits: np.ndarra
     full_mean = full_logits[:, fitted_points].mean(axis=0)
     shift = logits[:, :, fitted_points].mean(axis=1) - full_mean
     n = data.n_train
-    full_variance = sample_variance(margins_of(full_logits[:, :n], labels))
+    full_variance = margins_of(full_logits[:, :n], labels).var(axis=0, ddof=1)
     spread = np.zeros(n)
     for c in classes:
         members = np.flatnonzero(labels == c)
-        extra = sample_variance(margins_of(logits[c][:, members], labels[members])) - full_variance[members]
-        spread[members] = np.sqrt(np.maximum(np.nan_to_num(extra), 0.0))
+        extra = margins_of(logits[c][:, members], labels[members]).var(axis=0, ddof=1) - full_variance[members]
+        spread[members] = np.sqrt(np.maximum(extra, 0.0))
     return ClassRemoval(shift.astype(np.float32), spread.astype(np.float32), labels.astype(np.int32))

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .class_removal import CALIBRATION_CLASS_MODELS, ClassRemoval, class_removal
+from .class_removal import CALIBRATION_CLASS_MODELS, ClassRemoval, measure_class_removal
 from .datasets import Dataset
 from .engine import train_batched
 from .errors import DmmError
@@ -205,7 +205,7 @@ def calibrate(fit: FitGroup, data: Dataset, models: int = CALIBRATION_MODELS, al
     else:  # the α'-models', whose subsets differ too: a little above it
         reference = masked_variance(margins_of(trained.logits[:, :n].cpu().numpy(), labels), masks)
     gamma, spread = forget_spread(*subset_variances(fit.store, labels), reference)
-    whole = None if not class_models else class_removal(spec, data, class_models, full, fit.fitted_points(),
-                                                        CLASS_BLOCK, device)
+    whole = None if not class_models else measure_class_removal(spec, data, class_models, full, fit.fitted_points(),
+                                                                CLASS_BLOCK, device)
     return DeletionScale(c_self, c_cross, models, alpha, len(points), correlation, full_models, gamma,
                          size_effect=size, forget_spread=spread, class_models=class_models, class_removal=whole)

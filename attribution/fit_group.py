@@ -275,7 +275,9 @@ class FitGroup:
             arrays += [(name, getattr(class_removal, field), doc) for field, (name, doc) in CLASS_ARRAYS.items()]
         for name, array, doc in arrays:
             if array is not None:
-                array = np.asarray(array, dtype=np.float32 if np.asarray(array).dtype.kind == "f" else None)
+                array = np.asarray(array)
+                if array.dtype.kind == "f":
+                    array = array.astype(np.float32)
                 group.create_array(name, data=array, overwrite=True, chunks=array.shape, compressors=COMPRESSORS,
                                    config=ARRAY_CONFIG, attributes=array_attrs(self.store.spec.fingerprint, doc))
         group.attrs.update({DELETION_SCALE: record})

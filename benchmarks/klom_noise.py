@@ -4,7 +4,8 @@ A `dmm evaluate` report scores every population against one sample of N oracles 
 a second sample of N (floor.npy), against the same N: the floor. Both samples are retrained models of the same
 deletion, so which N of the 2N play the oracles is chance. This pools them, and --splits times (seed --seed)
 draws N of the 2N as the oracles and keeps the other N as the floor; per split it scores the floor half and
-every method against the oracle half (KLoM95 per group, `matching.klom`, reference direction), and the ratios
+every method against the oracle half (KLoM95 per group, `matching.klom`; KL(oracle ‖ unlearned), the reference
+direction, or with --direction the reverse: the floor is then scored the same way), and the ratios
 issue 13 point 2 sets targets on: a method's KLoM95 over the floor half's, and over --versus's (default
 dm-direct), taken split by split (each against the same oracle half, so the oracle draw moves both sides). It
 prints, per forget set and method, the KLoM95 the report gives, then the median and the 10th–90th percentiles
@@ -13,10 +14,11 @@ oracle draw's, not the methods'.
 
 Reads `margins/<set>/` (oracle.npy, floor.npy, <method>.npy, groups.json) of every set the report has, or of
 --set only; the methods are every saved population (--methods to choose). One JSON line last:
-{"bench": "klom_noise", "splits": ..., "sets": {set: {method: {"report": [F, R, H], "klom95": {"median": …,
-"p10": …, "p90": …}, "vs_floor": {…}, "vs_<versus>": {…}}}}}.
+{"bench": "klom_noise", "splits": ..., "direction": ..., "sets": {set: {method: {"report": [F, R, H], "klom95":
+{"median": …, "p10": …, "p90": …}, "vs_floor": {…}, "vs_<versus>": {…}}}}}.
 
 Run: python benchmarks/klom_noise.py sweep_out/spread_sets_digits [--set class:3:10] [--methods dmm dm-direct]
+[--direction unlearned||oracle]
 (after `dmm evaluate --config configs/sweep_spread_sets_digits.yaml --out sweep_out/spread_sets_digits`).
 """
 from __future__ import annotations
@@ -31,20 +33,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.eval_report import GROUPS, slug  # noqa: E402
-from matching.klom import klom, klom_summary  # noqa: E402
+from matching.klom import DIRECTIONS, klom, klom_summary  # noqa: E402
 
 SAMPLES = ("oracle", "floor")  # the report's two samples of retrained models
 QUANTILES = {"median": 50, "p10": 10, "p90": 90}
 
 
-def klom95(oracle: np.ndarray, population: np.ndarray, groups: dict) -> np.ndarray:
-    """KLoM95 per group (F, R, H) of a population against an oracle sample."""
-    summary = klom_summary(klom(oracle, population), groups)
+def klom95(oracle: np.ndarray, population: np.ndarray, groups: dict, direction: str = DIRECTIONS[0]) -> np.ndarray:
+    """KLoM95 per group (F, R, H) of a population against an oracle sample, in `direction`."""
+    summary = klom_summary(klom(oracle, population, direction=direction), groups)
     return np.array([summary[g]["p95"] for g in GROUPS])
 
 
 def split_scores(oracle: np.ndarray, floor: np.ndarray, populations: dict, groups: dict, splits: int,
-                 seed: int) -> dict:
+                 seed: int, direction: str = DIRECTIONS[0]) -> dict:
     """Per split s (its own N of the pooled 2N as oracles, the rest as the floor): {"floor": (splits, 3),
     method: (splits, 3)} KLoM95 per group against split s's oracles."""
     pool, n = np.concatenate([oracle, floor]), len(oracle)
@@ -53,9 +55,9 @@ def split_scores(oracle: np.ndarray, floor: np.ndarray, populations: dict, group
     for s in range(splits):
         order = rng.permutation(len(pool))
         reference = pool[order[:n]]
-        scores["floor"][s] = klom95(reference, pool[order[n:]], groups)
+        scores["floor"][s] = klom95(reference, pool[order[n:]], groups, direction)
         for name, margins in populations.items():
-            scores[name][s] = klom95(reference, margins, groups)
+            scores[name][s] = klom95(reference, margins, groups, direction)
     return scores
 
 
@@ -63,7 +65,8 @@ def quantiles(values: np.ndarray) -> dict:
     return {q: np.percentile(values, p, axis=0).tolist() for q, p in QUANTILES.items()}
 
 
-def set_readout(folder: Path, methods: list[str] | None, versus: str, splits: int, seed: int) -> dict:
+def set_readout(folder: Path, methods: list[str] | None, versus: str, splits: int, seed: int,
+                direction: str = DIRECTIONS[0]) -> dict:
     groups = {g: np.asarray(v) for g, v in json.loads((folder / "groups.json").read_text()).items()}
     oracle, floor = (np.load(folder / f"{name}.npy") for name in SAMPLES)
     names = methods or sorted(p.stem for p in folder.glob("*.npy") if p.stem not in SAMPLES)
@@ -72,10 +75,11 @@ def set_readout(folder: Path, methods: list[str] | None, versus: str, splits: in
         raise SystemExit(f"error: {folder} has no saved margins of {', '.join(missing)}; choose --methods and "
                          f"--versus among {', '.join(sorted(p.stem for p in folder.glob('*.npy')))}")
     populations = {m: np.load(folder / f"{m}.npy") for m in dict.fromkeys(names + [versus])}
-    scores = split_scores(oracle, floor, populations, groups, splits, seed)
-    readout = {"retrain": {"report": klom95(oracle, floor, groups).tolist(), "klom95": quantiles(scores["floor"])}}
+    scores = split_scores(oracle, floor, populations, groups, splits, seed, direction)
+    readout = {"retrain": {"report": klom95(oracle, floor, groups, direction).tolist(),
+                           "klom95": quantiles(scores["floor"])}}
     for name in names:
-        readout[name] = {"report": klom95(oracle, populations[name], groups).tolist(),
+        readout[name] = {"report": klom95(oracle, populations[name], groups, direction).tolist(),
                          "klom95": quantiles(scores[name]),
                          "vs_floor": quantiles(scores[name] / scores["floor"]),
                          f"vs_{versus}": quantiles(scores[name] / scores[versus])}
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--versus", default="dm-direct", help="the method each one's ratio is taken to")
     parser.add_argument("--splits", type=int, default=50, help="oracle draws (default 50)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--direction", choices=DIRECTIONS, default=DIRECTIONS[0],
+                        help="KL(oracle ‖ unlearned), the reference (default), or the reverse")
     args = parser.parse_args()
     if args.splits < 1:
         raise SystemExit(f"error: --splits {args.splits} must be at least 1; e.g. --splits 50")
@@ -106,15 +112,18 @@ def main() -> None:
                              "spec ran `retrain` on that forget set")
     result = {}
     for folder in folders:
-        result[folder.name] = readout = set_readout(folder, args.methods, args.versus, args.splits, args.seed)
-        print(f"\n{folder.name}: KLoM95 F / R / H, median [p10, p90] over {args.splits} oracle draws")
+        result[folder.name] = readout = set_readout(folder, args.methods, args.versus, args.splits, args.seed,
+                                                    args.direction)
+        print(f"\n{folder.name}: KLoM95 F / R / H, median [p10, p90] over {args.splits} oracle draws, "
+              f"KL({args.direction.replace('||', ' ‖ ')})")
         print(f"| method | report | KLoM95 | over the floor | over {args.versus} |")
         print("|---|---|---|---|---|")
         for name, row in readout.items():
             report = " / ".join(f"{v:.2f}" for v in row["report"])
             ratios = [cell(row[k]) if k in row else "—" for k in ("vs_floor", f"vs_{args.versus}")]
             print(f"| {name} | {report} | {cell(row['klom95'])} | " + " | ".join(ratios) + " |")
-    print(json.dumps({"bench": "klom_noise", "splits": args.splits, "versus": args.versus, "sets": result}))
+    print(json.dumps({"bench": "klom_noise", "splits": args.splits, "versus": args.versus,
+                      "direction": args.direction, "sets": result}))
 
 
 if __name__ == "__main__":

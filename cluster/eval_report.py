@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = ("forget_set", "method", "diverged", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
-           "klom50_retain", "klom50_heldout", "spread_forget", "spread_retain", "spread_heldout", "acc_forget",
+           "klom50_retain", "klom50_heldout", "klom95_other_forget", "klom95_other_retain", "klom95_other_heldout",
+           "spread_forget", "spread_retain", "spread_heldout", "acc_forget",
            "acc_retain", "acc_heldout", "gap_forget", "gap_retain", "gap_heldout", "mia_svc", "mia_entropy",
            "ulira_auc", "relearn_steps", "weight_distance", "seconds", "cost_vs_retrain", "sample_grads",
            "grads_vs_retrain", "steps", "match_end")
@@ -33,6 +34,7 @@ def result_row(forget_set: str, metrics: dict) -> dict:
     for g in GROUPS:
         row[f"klom95_{g}"] = metrics["klom"][g]["p95"]
         row[f"klom50_{g}"] = metrics["klom"][g]["median"]
+        row[f"klom95_other_{g}"] = metrics["klom_other"][g]["p95"] if "klom_other" in metrics else None  # as spread_
         row[f"spread_{g}"] = metrics.get("spread", {}).get(g)  # absent from metrics cached before it was added
         row[f"acc_{g}"] = metrics["accuracy"][g]
         row[f"gap_{g}"] = metrics["accuracy_gap"][g]
@@ -65,15 +67,17 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps({"klom_direction": direction, "models": n_models, "rows": rows},
                                                  indent=1))
-    main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "spread_forget", "acc_forget",
-            "acc_retain", "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps",
+    main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "klom95_other_forget", "spread_forget",
+            "acc_forget", "acc_retain", "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps",
             "match_end", "cost_vs_retrain", "grads_vs_retrain", "diverged")
     parts = [f"# Unlearning evaluation\n\nKLoM = binned KL between margin distributions over N = {n_models} "
              f"models per population, direction KL({direction.replace('||', ' ‖ ')}); columns klom95_* are "
              "the 95th percentile over the points of each group. `retrain` is a second, independent set of "
              "oracles: its KLoM is the noise floor. spread_* = the population's mean margin sd over the oracles' "
              "(KL(oracle ‖ unlearned) falls as a population widens: a low KLoM with a spread well above 1 is "
-             "noise, not forgetting). mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
+             "noise, not forgetting); klom95_other_* = KLoM95 in the other direction, which rewards a narrow "
+             "population as KL(oracle ‖ unlearned) rewards a wide one: a method far ahead in one direction and "
+             "behind in the other is not near the oracles. mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
              "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; "
              "match_end = DMM/OM's matching loss at the end over its start, means over the models (above 1: the "
              "fine-tuning moved away from its targets, whatever KLoM says); cost_vs_retrain = "

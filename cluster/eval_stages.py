@@ -35,7 +35,7 @@ from attribution.store import AttributionStore
 from matching.direct import fitted_group
 from matching.errors import MatchingError
 from matching.forget_sets import resolve_forget_set
-from matching.klom import klom, klom_summary, spread_ratio
+from matching.klom import DIRECTIONS, klom, klom_summary, spread_ratio
 from matching.layer_distance import TOTAL, layer_distances
 from matching.mia import ULIRA_MIN_MODELS, mia_entropy, mia_svc, ulira_auc
 from matching.relearn import relearn_steps
@@ -242,6 +242,7 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
     pop_margins = margins(torch.from_numpy(logits), torch.from_numpy(labels)).numpy().astype(np.float32)
     oracle_margins = margins(torch.from_numpy(oracle_logits), torch.from_numpy(labels)).numpy()
     values = klom(oracle_margins, pop_margins, direction=m["klom_direction"])
+    other = next(d for d in DIRECTIONS if d != m["klom_direction"])  # beside it: spread lowers one, raises the other
     acc, acc_oracle = _accuracies(logits, labels, groups), _accuracies(oracle_logits, labels, groups)
     mia_models = range(min(m["mia_models"], logits.shape[0]))
     states = _kept_states(load_states(inputs["population"]), kept)
@@ -253,6 +254,7 @@ def metrics_stage(config: dict, out: Path, inputs: dict) -> None:
     result = {
         "method": config["method"], "klom_direction": m["klom_direction"], "diverged": int((~kept).sum()),
         "klom": klom_summary(values, groups),
+        "klom_other": klom_summary(klom(oracle_margins, pop_margins, direction=other), groups),
         "spread": {g: spread_ratio(oracle_margins[:, idx], pop_margins[:, idx]) for g, idx in groups.items()},
         "accuracy": acc, "accuracy_oracle": acc_oracle,
         "accuracy_gap": {g: acc[g] - acc_oracle[g] for g in groups},

@@ -84,6 +84,8 @@ def test_klom_in_the_report_recomputes_from_the_saved_margins(evaluated):
         population = np.load(folder / f"{file}.npy")
         values = klom(oracle, population)
         assert rows[method]["klom95_forget"] == pytest.approx(np.percentile(values[forget], 95), rel=1e-6)
+        other = klom(oracle, population, direction="unlearned||oracle")  # the report's other direction, beside it
+        assert rows[method]["klom95_other_forget"] == pytest.approx(np.percentile(other[forget], 95), rel=1e-6)
         sd_ratio = population[:, forget].std(axis=0).mean() / oracle[:, forget].std(axis=0).mean()
         assert rows[method]["spread_forget"] == pytest.approx(sd_ratio, rel=1e-5)
 

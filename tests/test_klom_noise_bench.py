@@ -33,7 +33,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(BENCH + list(args), cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def by_hand(folder: Path, splits: int, seed: int) -> dict:
+def by_hand(folder: Path, splits: int, seed: int, direction: str = "oracle||unlearned") -> dict:
     """Per split, KLoM95 per group of the floor half and of each method against the oracle half, in a loop."""
     pool = np.concatenate([np.load(folder / "oracle.npy"), np.load(folder / "floor.npy")])
     rng = np.random.default_rng(seed)
@@ -43,7 +43,7 @@ def by_hand(folder: Path, splits: int, seed: int) -> dict:
         reference, rest = pool[order[:20]], pool[order[20:]]
         for name, margins in (("floor", rest), ("dm-direct", np.load(folder / "dm-direct.npy")),
                               ("dmm", np.load(folder / "dmm.npy"))):
-            values = klom(reference, margins)
+            values = klom(reference, margins, direction=direction)
             out[name].append([np.percentile(values[idx], 95) for idx in GROUPS.values()])
     return {name: np.array(v) for name, v in out.items()}
 
@@ -66,6 +66,22 @@ def test_every_split_and_ratio_is_the_loop_over_the_pooled_retrained_models(tmp_
     report = [np.percentile(klom(np.load(folder / "oracle.npy"), np.load(folder / "dmm.npy"))[idx], 95)
               for idx in GROUPS.values()]
     np.testing.assert_allclose(readout["dmm"]["report"], report, rtol=1e-9)
+
+
+def test_either_direction_is_the_same_loop_over_the_splits(tmp_path):
+    folder = write_set(tmp_path, shift=1.0)
+    readouts = {}
+    for direction in ("oracle||unlearned", "unlearned||oracle"):
+        out = run(str(tmp_path), "--splits", "4", "--seed", "3", "--direction", direction)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["direction"] == direction and f"KL({direction.replace('||', ' ‖ ')})" in out.stdout
+        readouts[direction] = readout = result["sets"]["random_5_0"]
+        expected = by_hand(folder, 4, 3, direction)
+        np.testing.assert_allclose(readout["retrain"]["klom95"]["median"], np.median(expected["floor"], 0), rtol=1e-9)
+        np.testing.assert_allclose(readout["dmm"]["vs_floor"]["p90"],
+                                   np.percentile(expected["dmm"] / expected["floor"], 90, 0), rtol=1e-9)
+    assert readouts["oracle||unlearned"]["dmm"]["report"] != readouts["unlearned||oracle"]["dmm"]["report"]
 
 
 def test_a_shift_on_forget_shows_in_forget_only(tmp_path):

@@ -88,9 +88,8 @@ def dm_direct_targets(store: AttributionStore, forget_ids, attribution: str = "d
     return fit_targets(fitted_group(store, attribution), forget_ids, original_logits)
 
 
-def fit_targets(fit: FitGroup, forget_ids, original_logits: np.ndarray | None = None,
-                effect_scale: float = 1.0) -> np.ndarray:
-    """`dm_direct_targets` from a fit group already opened (`fitted_group`), the effect times `effect_scale`."""
+def fit_targets(fit: FitGroup, forget_ids, original_logits: np.ndarray | None = None) -> np.ndarray:
+    """`dm_direct_targets` from a fit group already opened (`fitted_group`)."""
     store = fit.store
     if original_logits is None:
         original_logits = store.read_original_logits()
@@ -102,7 +101,7 @@ def fit_targets(fit: FitGroup, forget_ids, original_logits: np.ndarray | None = 
     if original_logits.shape != expected:
         raise MatchingError(f"θ0 logits have shape {original_logits.shape}, the store expects {expected}; "
                             "evaluate θ0 on train then held-out points")
-    effect = effect_scale * forget_effect(fit, forget_ids)
+    effect = forget_effect(fit, forget_ids)
     if not fit.targets.is_subset:
         return (original_logits - effect).astype(np.float32)
     h = np.full(expected, np.nan, dtype=np.float32)
@@ -129,15 +128,6 @@ def dm_direct_prediction(store_url: str, forget_ids, model_path=None, attributio
 
 
 SPREAD_STREAM = 1  # z_x's stream of the request's seed (R's draw is the seed's own)
-EFFECT_STREAM = 2  # u's stream (`effect_scale`)
-
-
-def effect_scale(kappa: float, seed: int) -> float:
-    """max(1 + κ·u, 0), u ~ N(0, 1) drawn from `seed`: one draw of the effect's scale per request, so that N requests
-    spread DM-Direct's predicted effect f(θ0) − h by its uncertainty (1 where κ = 0, nothing drawn)."""
-    if not kappa:
-        return 1.0
-    return max(1.0 + kappa * float(np.random.default_rng([seed, EFFECT_STREAM]).standard_normal()), 0.0)
 
 
 def spread_scale(requested: float | None, fit: FitGroup) -> float:

@@ -69,8 +69,6 @@ class MatchingConfig:
                                      # weight; None: the model's default (`attribution.models.matching_blocks`)
     spread: float | None = None  # DMM: a, adding a·s_x·N(0, 1) to F's true-class targets; None: 1 where the store has
                                  # s_x (`dmm calibrate`), else 0 (README, "DMM's spread on F")
-    effect_spread: float = 0.0   # DMM: κ, scaling the whole predicted effect f(θ0) − h by 1 + κ·N(0, 1), one draw per
-                                 # request (README, "The effect's scale")
 
     def __post_init__(self):
         if self.anneal_steps < 0:
@@ -87,10 +85,6 @@ class MatchingConfig:
                                         or not self.spread >= 0):
             raise MatchingError(f"spread {self.spread!r} is not a number >= 0; use a >= 0 (0: DM-Direct's mean, 1: the "
                                 "calibrated s_x), or leave it out (1 where the store has s_x)")
-        if isinstance(self.effect_spread, bool) or not isinstance(self.effect_spread, (int, float)) \
-                or not self.effect_spread >= 0:
-            raise MatchingError(f"effect spread {self.effect_spread!r} is not a number >= 0; use κ >= 0 (0: DM-Direct's "
-                                "effect as predicted)")
         if self.train_blocks is not None and (isinstance(self.train_blocks, bool) or not isinstance(self.train_blocks, int)
                                               or self.train_blocks < 0):
             raise MatchingError(f"train blocks {self.train_blocks!r} is not an integer >= 0; use 0 (every weight), k "

@@ -23,7 +23,7 @@ from attribution.recipes import Recipe
 from attribution.sisa import SisaEnsemble
 from attribution.store import AttributionStore
 
-from .direct import FIT_COMMAND, effect_scale, fit_targets, fitted_group, spread_scale, whole_classes, with_forget_spread
+from .direct import FIT_COMMAND, fit_targets, fitted_group, spread_scale, whole_classes, with_forget_spread
 from .errors import MatchingError
 from .finetune import MatchingConfig, match_logits, matching_points
 from .inputs import load_store_model
@@ -130,15 +130,13 @@ def datamodel_matching(task: UnlearnTask) -> Unlearned:
     if task.store is None:
         raise MatchingError("dmm needs an attribution store with fitted datamodels; pass --store")
     fit = fitted_group(task.store, task.attribution)
-    scale = effect_scale(task.config.effect_spread, task.config.seed)
-    targets = fit_targets(fit, task.forget_ids, task.original_logits, scale)
+    targets = fit_targets(fit, task.forget_ids, task.original_logits)
     whole = whole_classes(fit, task.forget_ids)
     spread = spread_scale(task.config.spread, fit)
     if spread:
         targets = with_forget_spread(targets, fit, task.forget_ids, task.data.y_train.numpy(), spread, task.config.seed)
     matched = match_on_forget_and_retain(task, targets)
-    return Unlearned(matched.model, {**matched.stats, "spread": spread, "effect_scale": scale,
-                                      "whole_classes": whole})
+    return Unlearned(matched.model, {**matched.stats, "spread": spread, "whole_classes": whole})
 
 
 def oracle_logits(task: UnlearnTask) -> np.ndarray:

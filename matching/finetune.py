@@ -89,8 +89,9 @@ class MatchingConfig:
                                               or self.train_blocks < 0):
             raise MatchingError(f"train blocks {self.train_blocks!r} is not an integer >= 0; use 0 (every weight), k "
                                 "(the last k blocks), or leave it out (the model's default)")
-        if self.max_retain < 0:
-            raise MatchingError(f"max retain {self.max_retain} is negative; use M >= 0 (0: no cap, default 100)")
+        if isinstance(self.max_retain, bool) or not isinstance(self.max_retain, int) or self.max_retain < 0:
+            raise MatchingError(f"max retain {self.max_retain!r} is not an integer >= 0; use M >= 0 (0: no cap, "
+                                "default 100)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -313,7 +313,8 @@ def test_train_blocks_refuses_a_model_whose_children_do_not_run_in_order():
 
 @pytest.mark.parametrize("bad", [dict(min_steps=0), dict(anneal_steps=-1), dict(min_steps=10, max_steps=5), dict(batch_size=0),
                                  dict(lr=0.0), dict(lr_decay=1.5), dict(tol=-1.0), dict(patience=0),
-                                 dict(retain_ratio=-1.0), dict(max_retain=-1), dict(train_blocks=-1),
+                                 dict(retain_ratio=-1.0), dict(max_retain=-1), dict(max_retain=True),
+                                 dict(max_retain=50.5), dict(train_blocks=-1),
                                  dict(train_blocks=True), dict(train_blocks=1.5)])
 def test_matching_config_refuses_bad_settings(bad):
     with pytest.raises(MatchingError):

@@ -15,10 +15,9 @@ import numpy as np
 
 COLUMNS = ("forget_set", "method", "diverged", "klom95_forget", "klom95_retain", "klom95_heldout", "klom50_forget",
            "klom50_retain", "klom50_heldout", "klom95_other_forget", "klom95_other_retain", "klom95_other_heldout",
-           "spread_forget", "spread_retain", "spread_heldout", "acc_forget",
-           "acc_retain", "acc_heldout", "gap_forget", "gap_retain", "gap_heldout", "mia_svc", "mia_entropy",
-           "ulira_auc", "relearn_steps", "weight_distance", "seconds", "cost_vs_retrain", "sample_grads",
-           "grads_vs_retrain", "steps", "match_end")
+           "spread_forget", "spread_retain", "spread_heldout", "acc_forget", "acc_retain", "acc_heldout", "gap_forget",
+           "gap_retain", "gap_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "weight_distance",
+           "seconds", "cost_vs_retrain", "sample_grads", "grads_vs_retrain", "steps", "match_end")
 GROUPS = ("forget", "retain", "heldout")
 
 
@@ -34,8 +33,9 @@ def result_row(forget_set: str, metrics: dict) -> dict:
     for g in GROUPS:
         row[f"klom95_{g}"] = metrics["klom"][g]["p95"]
         row[f"klom50_{g}"] = metrics["klom"][g]["median"]
-        row[f"klom95_other_{g}"] = metrics["klom_other"][g]["p95"] if "klom_other" in metrics else None  # as spread_
-        row[f"spread_{g}"] = metrics.get("spread", {}).get(g)  # absent from metrics cached before it was added
+        # klom_other and spread are absent from metrics cached before they were added
+        row[f"klom95_other_{g}"] = metrics["klom_other"][g]["p95"] if "klom_other" in metrics else None
+        row[f"spread_{g}"] = metrics.get("spread", {}).get(g)
         row[f"acc_{g}"] = metrics["accuracy"][g]
         row[f"gap_{g}"] = metrics["accuracy_gap"][g]
     for key in ("mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "weight_distance", "seconds",
@@ -77,8 +77,8 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
              "(KL(oracle ‖ unlearned) falls as a population widens: a low KLoM with a spread well above 1 is "
              "noise, not forgetting); klom95_other_* = KLoM95 in the other direction, which rewards a narrow "
              "population as KL(oracle ‖ unlearned) rewards a wide one: a method far ahead in one direction and "
-             "behind in the other is not near the oracles. mia_* = fraction of F predicted non-member; ulira_auc 0.5 = "
-             "indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; "
+             "behind in the other is not near the oracles. mia_* = fraction of F predicted non-member; "
+             "ulira_auc 0.5 = indistinguishable from retraining; steps = optimiser steps of the method's fine-tuning; "
              "match_end = DMM/OM's matching loss at the end over its start, means over the models (above 1: the "
              "fine-tuning moved away from its targets, whatever KLoM says); cost_vs_retrain = "
              "seconds per model / one retrain; grads_vs_retrain = per-sample gradient evaluations / one retrain's; "

@@ -1,8 +1,11 @@
 """Logit matching (DESIGN.md §1.3–1.4): fine-tune θ so that f_x(θ) ≈ h(x) on F ∪ R.
 
 The loss is the MSE over all k logits; R is r·|F| retain points drawn at random from S∖F, at most `max_retain`
-of them (100 by default; 0: no cap). Uncapped, a large request's loss is mostly R's, and where the model cannot move F
-as far as h asks without moving R the matching settled between θ0 and h on F (mnist1d's CNN; README, "The cap on R").
+of them (0: no cap; by default 100, `retain_cap`). Uncapped, a large request's loss is mostly R's, and where the model
+cannot move F as far as h asks without moving R the matching settled between θ0 and h on F (mnist1d's CNN; README,
+"The cap on R"). A request that deletes whole classes moves every point's target by the class's measured shift, so R
+carries as much of it as F: there the models of `attribution.models.UNCAPPED_WHOLE_CLASS_MODELS` take all of R
+(README, "Whole-class deletions").
 DMM takes h from DM-Direct, OM from the mean logits of real oracles; the loop is the same.
 
 Stopping rule. The paper's recipe (Adam, lr 5e-4, batch 512, 5 epochs) was set for CIFAR-10 with
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attribution.models import parameter_blocks
+from attribution.models import UNCAPPED_WHOLE_CLASS_MODELS, parameter_blocks
 
 from .errors import MatchingError
 from .windowed_head import precomputed_windows, windowed_head_gradient
@@ -59,7 +62,8 @@ class MatchingConfig:
     lr_decay: float = 1.0      # lr × lr_decay after every epoch (1: constant, see the module docstring)
     anneal_steps: int = 100    # after the plateau: this many more steps, the lr falling linearly to 0
     retain_ratio: float = 3.0  # r: |R| = round(r·|F|)
-    max_retain: int = 100      # |R| at most this many (0: no cap); README, "The cap on R"
+    max_retain: int | None = None  # |R| at most this many (0: no cap); None: `retain_cap`'s default (100, or no cap on
+                                   # a whole-class request on some models); README, "The cap on R"
     min_steps: int = 100       # at least this many optimiser steps at the full lr, however small F ∪ R is
     max_steps: int = 5000      # at most this many
     tol: float = 1e-3          # converged: the best loss fell by < tol · L_start over `patience` epochs
@@ -89,9 +93,10 @@ class MatchingConfig:
                                               or self.train_blocks < 0):
             raise MatchingError(f"train blocks {self.train_blocks!r} is not an integer >= 0; use 0 (every weight), k "
                                 "(the last k blocks), or leave it out (the model's default)")
-        if isinstance(self.max_retain, bool) or not isinstance(self.max_retain, int) or self.max_retain < 0:
-            raise MatchingError(f"max retain {self.max_retain!r} is not an integer >= 0; use M >= 0 (0: no cap, "
-                                "default 100)")
+        if self.max_retain is not None and (isinstance(self.max_retain, bool) or not isinstance(self.max_retain, int)
+                                            or self.max_retain < 0):
+            raise MatchingError(f"max retain {self.max_retain!r} is not an integer >= 0; use M >= 0 (0: no cap), or "
+                                "leave it out (100; no cap on a whole-class request on mlp)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +115,17 @@ class MatchingStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+RETAIN_CAP = 100  # |R| at most, by default (README, "The cap on R")
+
+
+def retain_cap(max_retain: int | None, model_name: str | None, deletes_whole_classes: bool) -> int:
+    """The cap on |R| a request uses (0: none): `max_retain` where it is given, else 0 on a request that deletes whole
+    classes from a model of `UNCAPPED_WHOLE_CLASS_MODELS`, else `RETAIN_CAP`."""
+    if max_retain is not None:
+        return max_retain
+    return 0 if deletes_whole_classes and model_name in UNCAPPED_WHOLE_CLASS_MODELS else RETAIN_CAP
 
 
 def matching_points(forget_ids: np.ndarray, n_train: int, retain_ratio: float, seed: int,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attribution.class_removal import classes_held_whole
 from attribution.datasets import Dataset
 from attribution.evaluation import model_logits
 from attribution.models import matching_blocks
@@ -25,7 +26,7 @@ from attribution.store import AttributionStore
 
 from .direct import FIT_COMMAND, fit_targets, fitted_group, spread_scale, whole_classes, with_forget_spread
 from .errors import MatchingError
-from .finetune import MatchingConfig, match_logits, matching_points
+from .finetune import MatchingConfig, match_logits, matching_points, retain_cap
 from .inputs import load_store_model
 
 
@@ -90,8 +91,9 @@ def unlearned_meta(meta: dict, unlearned: dict) -> dict:
     return {**{k: v for k, v in meta.items() if k != "update_record"}, "unlearned": unlearned}
 
 
-def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlearned:
-    """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R.
+def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray, whole: list[int]) -> Unlearned:
+    """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R; `whole` are the classes F deletes whole, whose
+    shift the targets hold (`retain_cap`: R is not capped on them on some models).
 
     Where `targets` are known only for some points T (DM-Direct's NaN rows: a fit for a target subset), F ∪ R is
     drawn from T only (`matching_points`) and the stats record `forget_fitted` = |F ∩ T|; with none of F in T the
@@ -99,8 +101,10 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
     """
     known = ~np.isnan(targets).any(axis=1)
     fitted = None if known.all() else np.flatnonzero(known)
+    model_name = task.model_name or (task.store.spec.model if task.store else None)
+    cap = retain_cap(task.config.max_retain, model_name, bool(whole))
     points = matching_points(task.forget_ids, task.data.n_train, task.config.retain_ratio, task.config.seed, fitted,
-                             task.config.max_retain)
+                             cap)
     extra = {}
     if fitted is not None:
         extra["forget_fitted"] = int(np.isin(task.forget_ids, fitted).sum())
@@ -114,10 +118,9 @@ def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray) -> Unlear
                           f"`dmm {FIT_COMMAND[task.attribution]} --targets ids:FILE` listing them", stacklevel=2)
     config = task.config
     if config.train_blocks is None:  # the model's default: the task's model, else the store's
-        config = replace(config, train_blocks=matching_blocks(task.model_name or (task.store.spec.model if task.store
-                                                                                   else None)))
+        config = replace(config, train_blocks=matching_blocks(model_name))
     model, stats = match_logits(task.model, task.data.x_train[points], torch.from_numpy(targets[points]), config)
-    return Unlearned(model, {**stats.to_dict(), **extra, "train_blocks": config.train_blocks})
+    return Unlearned(model, {**stats.to_dict(), **extra, "train_blocks": config.train_blocks, "max_retain": cap})
 
 
 @register_method("dmm", needs=("store",))
@@ -135,7 +138,7 @@ def datamodel_matching(task: UnlearnTask) -> Unlearned:
     spread = spread_scale(task.config.spread, fit)
     if spread:
         targets = with_forget_spread(targets, fit, task.forget_ids, task.data.y_train.numpy(), spread, task.config.seed)
-    matched = match_on_forget_and_retain(task, targets)
+    matched = match_on_forget_and_retain(task, targets, whole)
     return Unlearned(matched.model, {**matched.stats, "spread": spread, "whole_classes": whole})
 
 
@@ -161,7 +164,8 @@ def oracle_matching(task: UnlearnTask) -> Unlearned:
     """OM: match the mean logits of real oracles (the ablation with exact targets)."""
     if task.config.spread:
         raise MatchingError(f"spread {task.config.spread} is DMM's (a draw around DM-Direct's mean); use 0 with om")
-    return match_on_forget_and_retain(task, oracle_logits(task))
+    return match_on_forget_and_retain(task, oracle_logits(task),
+                                      classes_held_whole(task.data.y_train.numpy(), task.forget_ids))
 
 
 from . import baselines  # noqa: E402,F401 - registers the baselines (imports this module's registry)

@@ -87,14 +87,14 @@ def test_dmm_draws_a_whole_class_with_its_measured_spread_and_records_the_class(
 
     seen = []
     monkeypatch.setattr(methods, "match_on_forget_and_retain",
-                        lambda task, targets: seen.append(targets) or Unlearned(task.model, {}))
+                        lambda task, targets, whole: seen.append((targets, whole)) or Unlearned(task.model, {}))
     task = UnlearnTask(model=nn.Linear(1, 1),
                        data=SimpleNamespace(y_train=torch.from_numpy(LABELS.astype(np.int64)), n_train=N_TRAIN),
                        forget_ids=forget, store=store, original_logits=original, config=MatchingConfig(seed=7))
     result = methods.datamodel_matching(task)
-    np.testing.assert_array_equal(seen[0], with_forget_spread(dm_direct_targets(store, forget, "datamodels", original),
+    np.testing.assert_array_equal(seen[0][0], with_forget_spread(dm_direct_targets(store, forget, "datamodels", original),
                                                               fit, forget, LABELS, 1.0, 7))
-    assert result.stats["whole_classes"] == [1] and result.stats["spread"] == 1.0
+    assert result.stats["whole_classes"] == seen[0][1] == [1] and result.stats["spread"] == 1.0
 
 
 def test_the_number_of_class_models_resolves_by_default_and_bad_ones_are_refused_in_one_line():

@@ -104,15 +104,15 @@ def test_by_default_dmm_draws_with_the_stores_spread_and_without_one_matches_the
     labels = np.arange(n_train) % original.shape[1]
     seen = []
     monkeypatch.setattr(methods, "match_on_forget_and_retain",
-                        lambda task, targets: seen.append(targets) or Unlearned(task.model, {}))
+                        lambda task, targets, whole: seen.append((targets, whole)) or Unlearned(task.model, {}))
     forget = np.array([2, 5, 11])
     task = UnlearnTask(model=nn.Linear(1, 1), data=SimpleNamespace(y_train=torch.from_numpy(labels), n_train=n_train),
                        forget_ids=forget, store=store, original_logits=original, config=MatchingConfig(seed=7))
     by_default = methods.datamodel_matching(task)
     mean = dm_direct_targets(store, forget, "datamodels", original)
     drawn = with_forget_spread(mean, store.fit_group("datamodels"), forget, labels, 1.0, 7) if calibrated else mean
-    np.testing.assert_array_equal(seen[0], drawn)
-    assert by_default.stats["spread"] == (1.0 if calibrated else 0.0)
+    np.testing.assert_array_equal(seen[0][0], drawn)
+    assert by_default.stats["spread"] == (1.0 if calibrated else 0.0) and seen[0][1] == []
     explicit = methods.datamodel_matching(dataclasses.replace(task, config=MatchingConfig(seed=7, spread=0.0)))
-    np.testing.assert_array_equal(seen[1], mean)
+    np.testing.assert_array_equal(seen[1][0], mean)
     assert explicit.stats["spread"] == 0.0

@@ -12,6 +12,7 @@ import pytest
 from attribution.ids import IdsError
 import torch
 import zarr
+from torch import nn
 
 import attribution.fit_group as fit_group
 import matching.methods as methods
@@ -22,7 +23,7 @@ from attribution.store import AttributionStore, StoreSpec
 from fixtures_store import copy_store, digits_store, train_and_save, tree_hashes
 from matching.direct import dm_direct_targets
 from matching.errors import MatchingError
-from matching.finetune import MatchingConfig, match_logits, matching_points
+from matching.finetune import RETAIN_CAP, MatchingConfig, match_logits, matching_points, retain_cap
 from matching.inputs import forget_set
 from matching.ledger import ids_sha256, read_ledger, store_lock
 from matching.methods import METHODS, Unlearned, get_method, register_method
@@ -116,6 +117,38 @@ def test_max_retain_caps_the_retain_points_and_zero_leaves_them():
     assert len(matching_points(forget, 300, 3.0, seed=7, max_retain=500)) == 20 + 60  # a cap above r·|F| changes nothing
 
 
+@pytest.mark.parametrize("max_retain, model_name, whole, cap", [
+    (None, "mlp", False, 100), (None, "mlp", True, 0), (None, "cnn1d", True, 100), (None, None, True, 100),
+    (25, "mlp", True, 25), (0, "cnn1d", False, 0)])
+def test_the_cap_on_r_is_lifted_by_default_only_for_whole_class_requests_on_the_models_measured(max_retain, model_name,
+                                                                                                 whole, cap):
+    assert retain_cap(max_retain, model_name, whole) == cap
+
+
+@pytest.mark.parametrize("model_name, whole, retain", [("mlp", [3], 3 * 146), ("mlp", [], 100), ("cnn1d", [3], 100)])
+def test_a_whole_class_request_matches_on_all_of_r_where_the_model_takes_it(monkeypatch, model_name, whole, retain):
+    """The cap `retain_cap` resolves reaches the points matched, and the stats record it."""
+    from attribution.datasets import load_dataset
+    from matching.finetune import MatchingStats
+
+    data = load_dataset("digits")
+    forget = np.flatnonzero(data.y_train.numpy() == 3)  # all 146 training points of class 3
+    captured = {}
+
+    def spy(model, inputs, targets, config):
+        captured["inputs"] = inputs
+        return model, MatchingStats(1.0, 0.0, 1, 1, 0, 1, 0.0)
+
+    monkeypatch.setattr(methods, "match_logits", spy)
+    targets = np.zeros((data.n_points, data.num_classes), dtype=np.float32)
+    task = methods.UnlearnTask(model=nn.Linear(1, 1), data=data, forget_ids=forget, store=None,
+                               original_logits=targets, model_name=model_name)
+    unlearned = methods.match_on_forget_and_retain(task, targets, whole)
+    points = matching_points(forget, data.n_train, 3.0, 0, max_retain=0 if retain > 100 else 100)
+    assert len(points) == len(forget) + retain and torch.equal(captured["inputs"], data.x_train[points])
+    assert unlearned.stats["max_retain"] == (0 if retain > 100 else 100)
+
+
 def reference_match(model, x, targets, config, per_step=False):
     """DESIGN §1.3's fine-tune and its stopping rule written out: Adam on the MSE over all k logits, minibatches
     in the order `torch.randperm` draws from config.seed, lr = config.lr × decay^epoch set by hand (× decay^step
@@ -181,7 +214,7 @@ def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():
     defaults = MatchingConfig()
     assert (defaults.lr, defaults.batch_size, defaults.lr_decay, defaults.min_steps, defaults.anneal_steps,
             defaults.max_steps, defaults.tol, defaults.patience, defaults.retain_ratio,
-            defaults.max_retain) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5, 3.0, 100)
+            defaults.max_retain) == (5e-3, 64, 1.0, 100, 100, 5000, 1e-3, 5, 3.0, None)
     x, targets = torch.randn(1100, 5), torch.randn(1100, 4)
 
     def start():
@@ -375,7 +408,7 @@ def test_dmm_moves_forget_logits_towards_retrained_and_om_does_at_least_as_well(
     weight = np.asarray(AttributionStore.open(fixture.url).fit_group("datamodels").weight[:], dtype=np.float64)
     h = theta0 - weight[forget].sum(0)
     config = MatchingConfig()
-    points = matching_points(forget, data.n_train, config.retain_ratio, config.seed, max_retain=config.max_retain)
+    points = matching_points(forget, data.n_train, config.retain_ratio, config.seed, max_retain=RETAIN_CAP)
     want, (loss_start, loss_end), _, _ = reference_match(load_model(world["theta0"], data)[0], data.x_train[points],
                                       torch.from_numpy(h[points]).float(), config)
     np.testing.assert_allclose(outputs["dmm"], model_logits(want, data.all_inputs()).numpy(), rtol=1e-5, atol=1e-5)
@@ -508,7 +541,7 @@ def test_matching_trains_the_models_default_blocks_unless_told(dataset, model_na
     task = UnlearnTask(model=copy.deepcopy(original), data=data, forget_ids=np.arange(8), store=None,
                        original_logits=logits, model_name=model_name,
                        config=MatchingConfig(min_steps=10, anneal_steps=5, train_blocks=blocks))
-    unlearned = match_on_forget_and_retain(task, targets)
+    unlearned = match_on_forget_and_retain(task, targets, [])
     assert unlearned.stats["train_blocks"] == default
     moved = [not torch.equal(a, b) for a, b in zip(unlearned.model.parameters(), original.parameters())]
     assert moved == ([False] * 4 + [True] * 4 if default == 2 else [True] * len(moved))

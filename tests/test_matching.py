@@ -147,6 +147,10 @@ def test_a_whole_class_request_matches_on_all_of_r_where_the_model_takes_it(monk
     points = matching_points(forget, data.n_train, 3.0, 0, max_retain=0 if retain > 100 else 100)
     assert len(points) == len(forget) + retain and torch.equal(captured["inputs"], data.x_train[points])
     assert unlearned.stats["max_retain"] == (0 if retain > 100 else 100)
+    # OM's targets are the oracles', which hold the whole class's real shift: the same rule from the labels alone
+    om = methods.oracle_matching(replace(task, forget_ids=forget[:145] if not whole else forget,
+                                         oracle_mean_logits=targets))
+    assert om.stats["max_retain"] == (0 if retain > 100 else 100)
 
 
 def reference_match(model, x, targets, config, per_step=False):

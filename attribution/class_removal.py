@@ -5,8 +5,8 @@ their summed effect Σ_{i∈S_c} β_{i,x} predicts a small part of what removing
 class 3: DM-Direct's KLoM95 on F 11.0, θ0's 11.1, the floor's 1.3): with no point left to teach it, the class's
 margins fall far outside anything the α-subsets' models showed. That request, the field's "class-wise
 forgetting", is answered from models instead: `dmm calibrate` trains K_c models on S ∖ S_c for every class c
-(the store's model, recipe and seed; class c's seeds are block `seed_block` + c of the store's seed) beside its K models on all of S,
-and keeps
+(the store's model, recipe and seed; class c's seeds are block `seed_block` + c of the store's seed) beside its K
+models on all of S, and keeps
 
     Δ_c(x) = ȳ_x(S ∖ S_c) − ȳ_x(S)                              (C × |T| × k: the mean logits' shift),
     s^c_x = sqrt(max(Var_{S∖S_c}(m_x) − Var_S(m_x), 0)),  x ∈ S_c  (n_train: the margin's extra sd over seeds),

@@ -15,8 +15,7 @@ def calibrate_store(url: str, attribution: str = "datamodels", models: int = CAL
                     full_models: int = CALIBRATION_FULL_MODELS, class_models: int | None = None) -> DeletionScale:
     """Fit the scales on M models trained on α'-subsets, the size effect on K trained on all of S and the whole-class
     term on K_c per class trained on S ∖ S_c (None: 16 where K >= 2), and keep them in the group (the store changes
-    only at the end). `trust_code` consents to a `module:callable` model named by
-    the store."""
+    only at the end). `trust_code` consents to a `module:callable` model named by the store."""
     fit = fitted_group(AttributionStore.open(url, mode="r+"), attribution)
     result = calibrate(fit, store_dataset(fit.store), models=models, alpha=alpha, device=device, trust_code=trust_code,
                        full_models=full_models, class_models=class_models)

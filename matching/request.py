@@ -145,7 +145,8 @@ def unlearn_request(store: str | os.PathLike | AttributionStore, model_path: str
 
 def _stats_text(stats: dict) -> str:
     """`; matching loss 1.23 -> 0.0456 in 300 steps` for methods that report a matching loss (DMM: `, spread 1 on F`
-    and the classes F holds whole as well), and a warning where it ended above its start (the steps moved the model away from its targets)."""
+    and the classes F holds whole as well), and a warning where it ended above its start (the steps moved the model
+    away from its targets)."""
     if "loss_start" not in stats:
         return ""
     spread = f", spread {stats['spread']:g} on F" if "spread" in stats else ""

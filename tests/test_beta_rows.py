@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from attribution import store_zarr, trak
 from attribution.row_copy import ROWS, write_row_copy

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_matching import N_POINTS, N_TRAIN, K, synthetic_store
+from fixtures_synthetic import N_POINTS, N_TRAIN, K, synthetic_store
 from torch import nn
 
 from attribution.class_removal import ClassRemoval

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_store import copy_store, digits_store, tree_hashes
-from test_matching import synthetic_store
+from fixtures_synthetic import synthetic_store
 
 from attribution.deletion_scale import CALIBRATION_BLOCK, calibrate, least_squares_scales, size_effect
 from attribution.engine import train_model

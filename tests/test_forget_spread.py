@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 from fixtures_store import digits_store
-from test_matching import synthetic_store
+from fixtures_synthetic import synthetic_store
 
 import attribution.forget_spread as forget_spread_mod
 from attribution.evaluation import margins

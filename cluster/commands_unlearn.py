@@ -38,8 +38,8 @@ MATCHING_DOCS = {
     "batch_size": "minibatch size",
     "lr_decay": "lr factor per epoch",
     "retain_ratio": "r: match on F plus r·|F| random retain points",
-    "max_retain": "at most this many retain points (0: no cap; default 100, none on a request deleting whole classes "
-                  "from an mlp)",
+    "max_retain": "at most this many retain points (0: no cap; default 100, 50 on a cnn1d request that deletes "
+                  "part of its classes, none on an mlp request that deletes whole classes)",
     "min_steps": "optimiser steps at the full lr at least",
     "anneal_steps": "after convergence, this many steps with the lr falling linearly to 0",
     "max_steps": "optimiser steps at most",

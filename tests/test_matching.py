@@ -38,16 +38,17 @@ def test_max_retain_caps_the_retain_points_and_zero_leaves_them():
 
 
 @pytest.mark.parametrize("max_retain, model_name, whole, cap", [
-    (None, "mlp", False, 100), (None, "mlp", True, 0), (None, "cnn1d", True, 100), (None, None, True, 100),
-    (25, "mlp", True, 25), (0, "cnn1d", False, 0)])
-def test_the_cap_on_r_is_lifted_by_default_only_for_whole_class_requests_on_the_models_measured(max_retain, model_name,
-                                                                                                 whole, cap):
+    (None, "mlp", False, 100), (None, "mlp", True, 0), (None, "cnn1d", False, 50), (None, "cnn1d", True, 100),
+    (None, None, True, 100), (None, "resnet9", False, 100), (25, "mlp", True, 25), (0, "cnn1d", False, 0)])
+def test_the_cap_on_r_is_the_models_default_for_the_request_unless_given(max_retain, model_name, whole, cap):
     assert retain_cap(max_retain, model_name, whole) == cap
 
 
-@pytest.mark.parametrize("model_name, whole, retain", [("mlp", [3], 3 * 146), ("mlp", [], 100), ("cnn1d", [3], 100)])
-def test_a_whole_class_request_matches_on_all_of_r_where_the_model_takes_it(monkeypatch, model_name, whole, retain):
-    """The cap `retain_cap` resolves reaches the points matched, and the stats record it."""
+@pytest.mark.parametrize("model_name, whole, cap", [("mlp", [3], 0), ("mlp", [], 100), ("cnn1d", [3], 100),
+                                                    ("cnn1d", [], 50)])
+def test_the_cap_retain_cap_resolves_reaches_the_points_matched(monkeypatch, model_name, whole, cap):
+    """The cap `retain_cap` resolves (0: none) reaches the points matched, and the stats record it, for DMM (told the
+    classes its targets delete whole) and OM (which reads them from F's labels)."""
     from attribution.datasets import load_dataset
     from matching.finetune import MatchingStats
 
@@ -64,13 +65,12 @@ def test_a_whole_class_request_matches_on_all_of_r_where_the_model_takes_it(monk
     task = methods.UnlearnTask(model=nn.Linear(1, 1), data=data, forget_ids=forget, store=None,
                                original_logits=targets, model_name=model_name)
     unlearned = methods.match_on_forget_and_retain(task, targets, whole)
-    points = matching_points(forget, data.n_train, 3.0, 0, max_retain=0 if retain > 100 else 100)
-    assert len(points) == len(forget) + retain and torch.equal(captured["inputs"], data.x_train[points])
-    assert unlearned.stats["max_retain"] == (0 if retain > 100 else 100)
+    points = matching_points(forget, data.n_train, 3.0, 0, max_retain=cap)
+    assert len(points) == len(forget) + (cap or 3 * 146) and torch.equal(captured["inputs"], data.x_train[points])
+    assert unlearned.stats["max_retain"] == cap
     # OM's targets are the oracles', which hold the whole class's real shift: the same rule from the labels alone
-    om = methods.oracle_matching(replace(task, forget_ids=forget[:145] if not whole else forget,
-                                         oracle_mean_logits=targets))
-    assert om.stats["max_retain"] == (0 if retain > 100 else 100)
+    om = methods.oracle_matching(replace(task, forget_ids=forget if whole else forget[:145], oracle_mean_logits=targets))
+    assert om.stats["max_retain"] == cap
 
 
 def test_match_logits_fits_all_k_logits_and_stops_by_its_rule():

@@ -93,7 +93,7 @@ def unlearned_meta(meta: dict, unlearned: dict) -> dict:
 
 def match_on_forget_and_retain(task: UnlearnTask, targets: np.ndarray, whole: list[int]) -> Unlearned:
     """Fine-tune task.model towards `targets` (n_points × k) on F ∪ R; `whole` are the classes F deletes whole, whose
-    shift the targets hold (`retain_cap`: some models take all of R on them).
+    shift the targets hold (`retain_cap`: a model may take more of R on them).
 
     Where `targets` are known only for some points T (DM-Direct's NaN rows: a fit for a target subset), F ∪ R is
     drawn from T only (`matching_points`) and the stats record `forget_fitted` = |F ∩ T|; with none of F in T the

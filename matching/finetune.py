@@ -96,7 +96,7 @@ class MatchingConfig:
         if self.max_retain is not None and (isinstance(self.max_retain, bool) or not isinstance(self.max_retain, int)
                                             or self.max_retain < 0):
             raise MatchingError(f"max retain {self.max_retain!r} is not an integer >= 0; use M >= 0 (0: no cap), or "
-                                "leave it out (100; no cap on a whole-class request on mlp)")
+                                "leave it out (the model's default: `dmm unlearn --help`)")
 
     def to_dict(self) -> dict:
         return asdict(self)

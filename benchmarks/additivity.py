@@ -1,4 +1,4 @@
-"""Is a deletion's effect the sum of its parts' effects? The bound that additivity puts on any linear attribution.
+"""Is a deletion's effect the sum of its parts' effects, and how much of the difference does DM-Direct carry?
 
 DM-Direct (and any datamodel, TRAK or influence estimate) predicts the effect of deleting F as a sum over F's
 points. Retraining measures what a sum over *parts* of F misses: for a split F = F_1 ∪ … ∪ F_K, with ō_S the
@@ -20,11 +20,11 @@ and prints per split and group (F / R / H):
 - a population built from the parts' measured effects — the originals' first --models models plus Σ_k(ō_{F_k} −
   θ̄'), θ̄' the other originals' mean — scored like any method over --splits oracle draws of --models each
   (`klom_noise.split_scores`), and with `--spread` also with the oracles' extra spread added on F (z·sqrt(Var
-  oracle − Var θ0), as DMM's `--spread` adds s_x; read from the oracles, so a bound, not a method).
+  oracle − Var θ0), as DMM's `--spread` adds s_x; read from the oracles, so a diagnosis, not a method).
 A sum of exact per-point (leave-one-out) effects misses at least the interactions a split into parts keeps, and
 the parts' population is what a sum of exact part effects reaches (docs/matching_sweeps.md, "Deleting 200 random
 points is not additive").
-One JSON line last: {"bench": "additivity", "set": ..., "splits": {...}, "dm_direct_error": [...], "bound": {...}}.
+One JSON line last: {"bench": "additivity", "set": ..., "splits": {...}, "dm_direct_error": [...], "vs_floor": {...}}.
 
 Run: dmm evaluate --config configs/sweep_additivity_digits.yaml --out sweep_out/additivity_digits, then
 python benchmarks/additivity.py sweep_out/additivity_digits --set random:200:0
@@ -92,9 +92,9 @@ def main() -> None:
     parser.add_argument("--set", required=True, help="the full forget set, as in the spec (random:200:0)")
     parser.add_argument("--split", action="append", required=True, type=parse_split,
                         help="NAME=FILE,FILE[,...]: the ids files of one split of F (repeat for more splits)")
-    parser.add_argument("--models", type=int, default=50, help="models per population in the bound (default 50)")
+    parser.add_argument("--models", type=int, default=50, help="models per scored population (default 50)")
     parser.add_argument("--splits", type=int, default=50, help="oracle draws (default 50)")
-    parser.add_argument("--spread", action="store_true", help="also score the bound with the oracles' spread on F")
+    parser.add_argument("--spread", action="store_true", help="also score each population with the oracles' spread on F")
     args = parser.parse_args()
     report, full = Report(args.report), args.set
     split = dict(args.split)
@@ -160,9 +160,9 @@ def main() -> None:
             spread[:, groups["forget"]] += z * extra_sd[groups["forget"]]
             populations[f"{name}+spread"] = spread
     scores = split_scores(sample["oracle"][:n], sample["floor"][:n], populations, groups, args.splits, seed=0)
-    result["bound"] = {name: quantiles(scores[name] / scores["floor"]) for name in populations}
+    result["vs_floor"] = {name: quantiles(scores[name] / scores["floor"]) for name in populations}
     print(f"\nKLoM95 over the floor's, F / R / H, median [p10, p90] over {args.splits} draws of {n} oracles:")
-    for name, q in result["bound"].items():
+    for name, q in result["vs_floor"].items():
         print(f"  {name}: " + " / ".join(f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
                                          for m, lo, hi in zip(q["median"], q["p10"], q["p90"])))
     print(json.dumps({"bench": "additivity", **result}))

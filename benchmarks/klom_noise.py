@@ -10,7 +10,9 @@ issue 13 point 2 sets targets on: a method's KLoM95 over the floor half's, and o
 dm-direct), taken split by split (each against the same oracle half, so the oracle draw moves both sides). It
 prints, per forget set and method, the KLoM95 the report gives, then the median and the 10th–90th percentiles
 over the splits of KLoM95 and of both ratios. A gap between two methods that a split moves across is the
-oracle draw's, not the methods'.
+oracle draw's, not the methods'. With --models n (below the report's N) each split also draws n of every
+population's models, the same originals for every method, and n oracles and n others as the floor: what a report
+of n models reads over the draw of its originals, its requests' seeds and its oracles.
 
 Reads `margins/<set>/` (oracle.npy, floor.npy, <method>.npy, groups.json) of every set the report has, or of
 --set only; the methods are every saved population (--methods to choose). One JSON line last:
@@ -18,7 +20,7 @@ Reads `margins/<set>/` (oracle.npy, floor.npy, <method>.npy, groups.json) of eve
 {"median": …, "p10": …, "p90": …}, "vs_floor": {…}, "vs_<versus>": {…}}}}}.
 
 Run: python benchmarks/klom_noise.py sweep_out/spread_sets_digits [--set class:3:10] [--methods dmm dm-direct]
-[--direction unlearned||oracle]
+[--direction unlearned||oracle] [--models 50]
 (after `dmm evaluate --config configs/sweep_spread_sets_digits.yaml --out sweep_out/spread_sets_digits`).
 """
 from __future__ import annotations
@@ -46,18 +48,22 @@ def klom95(oracle: np.ndarray, population: np.ndarray, groups: dict, direction: 
 
 
 def split_scores(oracle: np.ndarray, floor: np.ndarray, populations: dict, groups: dict, splits: int,
-                 seed: int, direction: str = DIRECTIONS[0]) -> dict:
+                 seed: int, direction: str = DIRECTIONS[0], models: int | None = None) -> dict:
     """Per split s (its own N of the pooled 2N as oracles, the rest as the floor): {"floor": (splits, 3),
-    method: (splits, 3)} KLoM95 per group against split s's oracles."""
+    method: (splits, 3)} KLoM95 per group against split s's oracles. With `models` = n < N, each split draws n of
+    the 2N as oracles and n others as the floor, and n of every population's N models — the same rows for every
+    method, whose models are the same originals unlearned — so it reads what a report of n models would."""
     pool, n = np.concatenate([oracle, floor]), len(oracle)
+    size = models or n
     rng = np.random.default_rng(seed)
     scores = {name: np.empty((splits, len(GROUPS))) for name in ("floor", *populations)}
     for s in range(splits):
         order = rng.permutation(len(pool))
-        reference = pool[order[:n]]
-        scores["floor"][s] = klom95(reference, pool[order[n:]], groups, direction)
+        reference = pool[order[:size]]
+        scores["floor"][s] = klom95(reference, pool[order[size:2 * size]], groups, direction)
+        rows = np.sort(rng.choice(n, size, replace=False)) if models else slice(None)
         for name, margins in populations.items():
-            scores[name][s] = klom95(reference, margins, groups, direction)
+            scores[name][s] = klom95(reference, margins[rows], groups, direction)
     return scores
 
 
@@ -66,7 +72,7 @@ def quantiles(values: np.ndarray) -> dict:
 
 
 def set_readout(folder: Path, methods: list[str] | None, versus: str, splits: int, seed: int,
-                direction: str = DIRECTIONS[0]) -> dict:
+                direction: str = DIRECTIONS[0], models: int | None = None) -> dict:
     groups = {g: np.asarray(v) for g, v in json.loads((folder / "groups.json").read_text()).items()}
     oracle, floor = (np.load(folder / f"{name}.npy") for name in SAMPLES)
     names = methods or sorted(p.stem for p in folder.glob("*.npy") if p.stem not in SAMPLES)
@@ -75,7 +81,11 @@ def set_readout(folder: Path, methods: list[str] | None, versus: str, splits: in
         raise SystemExit(f"error: {folder} has no saved margins of {', '.join(missing)}; choose --methods and "
                          f"--versus among {', '.join(sorted(p.stem for p in folder.glob('*.npy')))}")
     populations = {m: np.load(folder / f"{m}.npy") for m in dict.fromkeys(names + [versus])}
-    scores = split_scores(oracle, floor, populations, groups, splits, seed, direction)
+    sizes = {len(p) for p in populations.values()} | {len(oracle), len(floor)}
+    if models is not None and not 1 <= models < min(sizes):
+        raise SystemExit(f"error: --models {models} must be below the report's {min(sizes)} models per population; "
+                         f"e.g. --models {min(sizes) // 2}")
+    scores = split_scores(oracle, floor, populations, groups, splits, seed, direction, models)
     readout = {"retrain": {"report": klom95(oracle, floor, groups, direction).tolist(),
                            "klom95": quantiles(scores["floor"])}}
     for name in names:
@@ -101,6 +111,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--direction", choices=DIRECTIONS, default=DIRECTIONS[0],
                         help="KL(oracle ‖ unlearned), the reference (default), or the reverse")
+    parser.add_argument("--models", type=int, help="read it as a report of this many models: each draw also picks "
+                        "that many of every population's (the same originals for all) and of the oracles")
     args = parser.parse_args()
     if args.splits < 1:
         raise SystemExit(f"error: --splits {args.splits} must be at least 1; e.g. --splits 50")
@@ -113,8 +125,9 @@ def main() -> None:
     result = {}
     for folder in folders:
         result[folder.name] = readout = set_readout(folder, args.methods, args.versus, args.splits, args.seed,
-                                                    args.direction)
-        print(f"\n{folder.name}: KLoM95 F / R / H, median [p10, p90] over {args.splits} oracle draws, "
+                                                    args.direction, args.models)
+        drawn = f" of {args.models} oracles and {args.models} models per population" if args.models else ""
+        print(f"\n{folder.name}: KLoM95 F / R / H, median [p10, p90] over {args.splits} oracle draws{drawn}, "
               f"KL({args.direction.replace('||', ' ‖ ')})")
         print(f"| method | report | KLoM95 | over the floor | over {args.versus} |")
         print("|---|---|---|---|---|")
@@ -123,7 +136,7 @@ def main() -> None:
             ratios = [cell(row[k]) if k in row else "—" for k in ("vs_floor", f"vs_{args.versus}")]
             print(f"| {name} | {report} | {cell(row['klom95'])} | " + " | ".join(ratios) + " |")
     print(json.dumps({"bench": "klom_noise", "splits": args.splits, "versus": args.versus,
-                      "direction": args.direction, "sets": result}))
+                      "direction": args.direction, "models": args.models, "sets": result}))
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ def test_the_parts_population_scores_like_the_oracles_only_where_the_effects_add
         folder = tmp_path / name
         arguments = write_report(folder, interaction_by_group(size, 0.0, 0.0), models=150)
         result = result_of(run(folder, "--split", arguments["blocks"], "--models", "100", "--spread"))
-        ratios[name] = result["bound"]["parts:blocks"]["median"]
-        assert set(result["bound"]) == {"dm-direct", "parts:blocks", "dm-direct+spread", "parts:blocks+spread"}
+        ratios[name] = result["vs_floor"]["parts:blocks"]["median"]
+        assert set(result["vs_floor"]) == {"dm-direct", "parts:blocks", "dm-direct+spread", "parts:blocks+spread"}
     assert max(ratios["additive"]) < 1.5
     assert ratios["interacting"][0] > 3 and max(ratios["interacting"][1:]) < 1.5
 

@@ -103,3 +103,32 @@ def test_a_report_without_the_floor_or_a_method_is_a_one_line_error(tmp_path):
     (folder / "floor.npy").unlink()
     out = run(str(tmp_path))
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "floor.npy" in out.stderr
+
+
+def test_models_draws_that_many_of_every_population_and_of_the_oracles(tmp_path):
+    folder = write_set(tmp_path, shift=1.0)
+    out = run(str(tmp_path), "--splits", "3", "--seed", "2", "--models", "8")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["models"] == 8 and "of 8 oracles and 8 models per population" in out.stdout
+    pool = np.concatenate([np.load(folder / "oracle.npy"), np.load(folder / "floor.npy")])
+    populations = {name: np.load(folder / f"{name}.npy") for name in ("dm-direct", "dmm")}
+    rng = np.random.default_rng(2)
+    expected = {"floor": [], "dm-direct": [], "dmm": []}
+    for _ in range(3):  # the loop by hand: 8 of the 40 retrained as oracles, 8 others as the floor, 8 of 20 models
+        order = rng.permutation(40)
+        reference = pool[order[:8]]
+        rows = np.sort(rng.choice(20, 8, replace=False))
+        for name, margins in (("floor", pool[order[8:16]]), ("dm-direct", populations["dm-direct"][rows]),
+                              ("dmm", populations["dmm"][rows])):
+            values = klom(reference, margins)
+            expected[name].append([np.percentile(values[idx], 95) for idx in GROUPS.values()])
+    readout = result["sets"]["random_5_0"]
+    np.testing.assert_allclose(readout["retrain"]["klom95"]["median"], np.median(expected["floor"], 0), rtol=1e-9)
+    np.testing.assert_allclose(readout["dmm"]["vs_dm-direct"]["median"],
+                               np.median(np.array(expected["dmm"]) / np.array(expected["dm-direct"]), 0), rtol=1e-9)
+    # the report's own column is the full report's, and 20 or more models per population is refused
+    whole = json.loads(run(str(tmp_path), "--splits", "3").stdout.strip().splitlines()[-1])
+    assert readout["dmm"]["report"] == whole["sets"]["random_5_0"]["dmm"]["report"]
+    refused = run(str(tmp_path), "--models", "20")
+    assert refused.returncode != 0 and "--models 20" in refused.stderr and refused.stderr.strip().count("\n") == 0

@@ -9,18 +9,24 @@ shift from θ0's (both oracle samples pooled) in margin and in oracle sd (per po
 seeds), and DM-Direct's mean error there in oracle sd (its mean margin minus the oracles'). A shift that does not
 grow with |F| where the steps stay the same, or jumps where one is lost, is the recipe's batching, which a term
 linear in |F| cannot follow (docs/matching_sweeps.md, "Deleting 200 random points is not additive").
+With --plot FILE it also draws both means against |F|, one colour per steps-per-epoch count (PNG).
 One JSON line last: {"bench": "size_staircase", "batch_size": ..., "points": ..., "sets": {set: {...}}}.
 
-Run: python benchmarks/size_staircase.py sweep_out/additivity_digits --batch-size 64
+Run: python benchmarks/size_staircase.py sweep_out/additivity_digits --batch-size 64 --plot staircase.png
 (after `dmm evaluate --config configs/sweep_additivity_digits.yaml --out sweep_out/additivity_digits`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster.eval_plots import _pyplot, _save  # noqa: E402
 
 POPULATIONS = ("nothing", "oracle", "floor", "dm-direct")
 
@@ -48,10 +54,31 @@ def set_row(data: dict, keep: np.ndarray, batch_size: int) -> dict:
             "dm_direct_error_sd": float((error / sd).mean())}
 
 
+def plot(rows: dict, batch_size: int, path: Path) -> None:
+    """The oracles' mean shift and DM-Direct's mean error (oracle sd) against |F|, coloured by steps per epoch."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), sharex=True)
+    steps = sorted({row["steps_per_epoch"] for row in rows.values()}, reverse=True)
+    colours = {s: plt.get_cmap("viridis")(i / max(len(steps) - 1, 1)) for i, s in enumerate(steps)}
+    for ax, key, label in ((axes[0], "shift_sd", "oracles' mean shift from θ0 (oracle sd)"),
+                           (axes[1], "dm_direct_error_sd", "DM-Direct's mean error (oracle sd)")):
+        for s in steps:
+            chosen = [row for row in rows.values() if row["steps_per_epoch"] == s]
+            ax.scatter([row["size"] for row in chosen], [row[key] for row in chosen], color=colours[s], s=18,
+                       label=f"{s} steps per epoch")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel("|F|")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"On the points no set deletes; batch {batch_size}, the last batch partial", fontsize=9)
+    _save(plt, fig, path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", type=Path, help="the --out folder of a `dmm evaluate` run")
     parser.add_argument("--batch-size", type=int, required=True, help="the recipe's batch size (digits: 64)")
+    parser.add_argument("--plot", type=Path, help="also draw the two means against |F| into this PNG")
     args = parser.parse_args()
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be at least 1; e.g. --batch-size 64")
@@ -70,6 +97,8 @@ def main() -> None:
     for name, row in sorted(rows.items(), key=lambda item: (item[1]["size"], item[0])):
         print(f"| {name} | {row['size']} | {row['steps_per_epoch']} | {row['last_batch']} | {row['shift']:+.3f} | "
               f"{row['shift_sd']:+.2f} | {row['dm_direct_error_sd']:+.2f} |")
+    if args.plot:
+        plot(rows, args.batch_size, args.plot)
     print(json.dumps({"bench": "size_staircase", "batch_size": args.batch_size, "points": int(len(keep)),
                       "sets": rows}))
 

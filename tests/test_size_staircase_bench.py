@@ -45,9 +45,10 @@ def by_hand(folder: Path, keep: list[int]) -> tuple[float, float, float]:
 
 def test_every_row_is_the_loop_over_the_points_no_set_deletes(tmp_path):
     write_report(tmp_path)
-    done = subprocess.run(BENCH + [str(tmp_path), "--batch-size", "16"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(BENCH + [str(tmp_path), "--batch-size", "16", "--plot", str(tmp_path / "staircase.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "staircase.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     keep = [x for x in range(N_POINTS) if not (x < 10 or 20 <= x < 90)]
     assert result["bench"] == "size_staircase" and result["points"] == len(keep)

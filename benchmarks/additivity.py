@@ -63,11 +63,10 @@ class Report:
         return {g: np.asarray(raw[g]) for g in GROUPS}
 
 
-def systematic_rms(a: np.ndarray, b: np.ndarray, shared_var: np.ndarray, sd: np.ndarray, idx: np.ndarray) -> float:
-    """rms over idx of a quantity estimated twice with independent noise (a, b) but shared noise of variance
-    shared_var, in units of sd: sqrt(mean((a·b − shared_var) / sd²))."""
-    ms = float(((a * b - shared_var) / sd ** 2)[idx].mean())
-    return float(np.sqrt(max(ms, 0.0)))
+def crossed_square(a: np.ndarray, b: np.ndarray, shared_var, sd: np.ndarray) -> np.ndarray:
+    """Per point, (a·b − shared_var) / sd²: for two estimates a, b of one quantity with independent noise but shared
+    noise of variance shared_var, an unbiased estimate of the product of their systematic parts, in units of sd²."""
+    return (a * b - shared_var) / sd ** 2
 
 
 def parse_split(text: str) -> tuple[str, list[str]]:
@@ -112,7 +111,9 @@ def main() -> None:
              for s in ("oracle", "floor")}
 
     def rms(a, b, shared=0.0):
-        return [systematic_rms(a, b, shared, sd, groups[g]) for g in GROUPS]
+        """Per group, the rms of the systematic part: sqrt(mean of the crossed square), 0 where noise makes it < 0."""
+        square = crossed_square(a, b, shared, sd)
+        return [float(np.sqrt(max(square[groups[g]].mean(), 0.0))) for g in GROUPS]
 
     direct = report.margins(full, "dm-direct").mean(0)
     direct_error = {s: direct - means[full, s] for s in ("oracle", "floor")}
@@ -123,11 +124,11 @@ def main() -> None:
         e = {s: means[full, s] - sum(means[p, s] for p in parts) + (k - 1) * theta_mean for s in ("oracle", "floor")}
         # DM-Direct's error regressed on e, the two from different oracle samples: −1 if it carries none of e, 0 all
         # (DM-Direct's population is the originals moved, so it shares θ̄'s sampling noise with e's (K − 1)·θ̄)
-        crossed = (0.5 * (direct_error["oracle"] * e["floor"] + direct_error["floor"] * e["oracle"])
-                   - (k - 1) * theta_var) / sd ** 2
-        ms = (e["oracle"] * e["floor"] - (k - 1) ** 2 * theta_var) / sd ** 2
+        crossed = 0.5 * (crossed_square(direct_error["oracle"], e["floor"], (k - 1) * theta_var, sd)
+                         + crossed_square(direct_error["floor"], e["oracle"], (k - 1) * theta_var, sd))
+        ms = crossed_square(e["oracle"], e["floor"], (k - 1) ** 2 * theta_var, sd)
         row = {"parts": [len(report.groups(p)["forget"]) for p in parts],
-               "non_additivity": rms(e["oracle"], e["floor"], (k - 1) ** 2 * theta_var),
+               "non_additivity": [float(np.sqrt(max(ms[groups[g]].mean(), 0.0))) for g in GROUPS],
                "mean": [float((0.5 * (e["oracle"] + e["floor"]) / sd)[groups[g]].mean()) for g in GROUPS],
                "dm_direct_slope": [float(crossed[groups[g]].mean() / ms[groups[g]].mean()) for g in GROUPS]}
         result["splits"][name] = row

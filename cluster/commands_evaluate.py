@@ -18,6 +18,8 @@ def evaluate_cmd(args) -> int:
     print(markdown_table(result["rows"], columns))
     print(f"{result['stages'] - result['cached']} of {result['stages']} stages computed, {result['cached']} cached; "
           f"report in {Path(args.out) / 'report.md'}")
+    if result["code"]["other"]:
+        print(result["code"]["note"])
     print(f"wall time {result['seconds']:.0f} s; peak memory {result['peak_rss_bytes'] / 2**30:.2f} GiB "
           "(this process and its Ray workers)")
     return 0

@@ -4,7 +4,8 @@ A `Stage` is a named call of a stage function with a JSON config and named paren
 sha256 over (function, config, parents' keys), so a stage's result is reused exactly when nothing
 upstream of it changed. Results live in `<cache>/<function>/<key>/` with a `done.json` marker written
 last (the directory is built under a temporary name and renamed into place), so an interrupted run
-resumes and a spec that adds one stage recomputes only that stage and what depends on it.
+resumes and a spec that adds one stage recomputes only that stage and what depends on it. The marker
+records the fingerprint of the code that computed the stage (`code_version`).
 
 Every missing stage is one Ray task whose arguments are its parents' task results (Ray starts it when
 they are ready); stages already in the cache are not submitted. A stage function has the signature
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from attribution.errors import DmmError
 
+from .code_version import code_fingerprint
 from .ray_runtime import first_line
 
 DONE = "done.json"
@@ -91,6 +93,11 @@ def is_done(path: Path) -> bool:
     return (path / DONE).is_file()
 
 
+def stage_code(path: Path) -> str | None:
+    """The fingerprint of the code that computed a finished stage (`code_version`; None: not recorded)."""
+    return json.loads((path / DONE).read_text()).get("code")
+
+
 def _execute(function: StageFunction, stage: Stage, path: str, *parent_paths: str) -> str:
     """Run one stage into a temporary directory and move it into place (idempotent on retries)."""
     final = Path(path)
@@ -101,7 +108,8 @@ def _execute(function: StageFunction, stage: Stage, path: str, *parent_paths: st
     start = time.perf_counter()
     try:
         function(stage.config, tmp, {role: Path(p) for role, p in zip(sorted(stage.parents), parent_paths)})
-        (tmp / DONE).write_text(json.dumps({"stage": stage.name, "seconds": round(time.perf_counter() - start, 3)}))
+        (tmp / DONE).write_text(json.dumps({"stage": stage.name, "seconds": round(time.perf_counter() - start, 3),
+                                            "code": code_fingerprint()}))
         if final.exists():  # a half-written directory of an earlier, interrupted attempt
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -60,13 +60,16 @@ def markdown_table(rows: list[dict], columns) -> str:
     return head + "\n".join("| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows) + "\n"
 
 
-def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> None:
+def write_tables(out: Path, rows: list[dict], direction: str, n_models: int, code: dict) -> None:
+    """results.csv, results.json and report.md; `code` (`evaluate.code_provenance`) closes the report and
+    results.json names the stages other code computed."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"klom_direction": direction, "models": n_models, "rows": rows},
-                                                 indent=1))
+    (out / "results.json").write_text(json.dumps({"klom_direction": direction, "models": n_models, "rows": rows,
+                                                  "code": code["fingerprint"],
+                                                  "stages_by_other_code": code["other"]}, indent=1))
     main = ("method", "klom95_forget", "klom95_retain", "klom95_heldout", "klom95_other_forget", "spread_forget",
             "acc_forget", "acc_retain", "acc_heldout", "mia_svc", "mia_entropy", "ulira_auc", "relearn_steps", "steps",
             "match_end", "cost_vs_retrain", "grads_vs_retrain", "diverged")
@@ -86,7 +89,7 @@ def write_tables(out: Path, rows: list[dict], direction: str, n_models: int) -> 
     for fs in dict.fromkeys(r["forget_set"] for r in rows):
         parts.append(f"\n## Forget set `{fs}`\n\n" + markdown_table([r for r in rows if r["forget_set"] == fs], main))
     parts.append("\n![KLoM per group](klom_per_group.png)\n\n![KLoM vs cost](klom_vs_cost.png)\n\n"
-                 "![margin histograms](margin_histograms.png)\n")
+                 f"![margin histograms](margin_histograms.png)\n\n{code['note']}\n")
     (out / "report.md").write_text("".join(parts))
 
 

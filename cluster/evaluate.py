@@ -35,7 +35,8 @@ from attribution.models import require_consent
 from attribution.recipes import Recipe, resolve_recipe
 from attribution.store import AttributionStore
 
-from .dag import Stage, is_done, run_dag, stage_paths
+from .code_version import code_fingerprint, other_code, provenance
+from .dag import Stage, is_done, run_dag, stage_code, stage_paths
 from .eval_methods import base_method, method_needs, training_time
 from .eval_plots import plot_klom_per_group, plot_klom_vs_cost, plot_margin_histograms
 from .eval_report import result_row, write_margins, write_tables
@@ -204,8 +205,10 @@ class PeakMemory:
         self._thread.join()
 
 
-def write_report(spec: ExperimentSpec, out: Path, paths: dict[str, Path], metrics_names: dict) -> list[dict]:
-    """results.csv/json, margins/, report.md and the PNG plots in `out`; returns the result rows."""
+def write_report(spec: ExperimentSpec, out: Path, paths: dict[str, Path], metrics_names: dict,
+                 code: dict) -> list[dict]:
+    """results.csv/json, margins/, report.md and the PNG plots in `out`; returns the result rows. `code`: the
+    fingerprint that read the cache and the stages other code computed (`code_provenance`)."""
     from attribution.evaluation import margins
     import torch
 
@@ -229,7 +232,7 @@ def write_report(spec: ExperimentSpec, out: Path, paths: dict[str, Path], metric
             worst = forget[np.argsort(-kloms.get("nothing", next(iter(kloms.values())))[forget],
                                       kind="stable")[:HISTOGRAM_POINTS]]
             plot_margin_histograms(fs, oracle, pops, kloms, worst, out / "margin_histograms.png")
-    write_tables(out, rows, spec.metrics.klom_direction, spec.models)
+    write_tables(out, rows, spec.metrics.klom_direction, spec.models, code)
     plot_klom_per_group(rows, out / "klom_per_group.png", spec.metrics.klom_direction, spec.models)
     plot_klom_vs_cost(rows, out / "klom_vs_cost.png")
     return rows
@@ -246,7 +249,16 @@ def run_evaluation(spec: ExperimentSpec, out: str | os.PathLike, address: str | 
         connect(address)
         cached_before = sum(is_done(p) for p in stage_paths(stages, out / "cache").values())
         paths = run_dag(stages, STAGE_FUNCTIONS, out / "cache", progress=progress)
-        rows = write_report(spec, out, paths, metrics_names)
+        code = code_provenance(paths)
+        rows = write_report(spec, out, paths, metrics_names, code)
     return {"rows": rows, "stages": len(stages), "cached": cached_before, "seconds": time.perf_counter() - start,
-            "peak_rss_bytes": memory.peak}
+            "peak_rss_bytes": memory.peak, "code": code}
+
+
+def code_provenance(paths: dict[str, Path]) -> dict:
+    """{"fingerprint": this process's code, "other": {stage: fingerprint} of the stages other code computed,
+    "note": one sentence saying so} (`code_version`)."""
+    current = code_fingerprint()
+    others = other_code({name: stage_code(path) for name, path in paths.items()}, current)
+    return {"fingerprint": current, "other": others, "note": provenance(current, others, len(paths))}
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from ray import cloudpickle
 
-from cluster.dag import Stage, StageError, run_dag, stage_keys
+from cluster.code_version import code_fingerprint
+from cluster.dag import Stage, StageError, run_dag, stage_code, stage_keys
 
 
 def count_stage(config: dict, out: Path, inputs: dict) -> None:
@@ -63,6 +64,7 @@ def test_a_rerun_recomputes_nothing_and_a_new_stage_only_itself(ray_session, tmp
     assert sorted(executions(log)) == ["a", "b", "c", "d"] and value(paths, "d") == 17
     run_dag(dag(log, values=(1, 2, 4)), FUNCTIONS, tmp_path / "cache", progress=False)
     assert sorted(executions(log)) == ["a", "b", "c", "c", "d"]
+    assert {stage_code(p) for p in paths.values()} == {code_fingerprint()}  # the workers' code is the driver's
 
 
 def test_a_failed_stage_keeps_finished_ones_and_a_rerun_resumes(ray_session, tmp_path):

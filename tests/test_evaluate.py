@@ -16,9 +16,10 @@ from attribution.engine import train_batched
 from attribution.evaluation import margins
 from attribution.store import AttributionStore
 from cluster import eval_stages
+from cluster.code_version import code_fingerprint
 from cluster.eval_methods import MethodConfigError
 from cluster.eval_spec import SpecError, spec_from_dict
-from cluster.dag import stage_keys
+from cluster.dag import DONE, stage_keys, stage_paths
 from cluster.eval_report import GROUPS, result_row
 from cluster.evaluate import experiment_stages, run_evaluation
 from matching.klom import klom
@@ -175,6 +176,42 @@ def test_a_rerun_computes_nothing_and_a_new_method_only_its_stages(evaluated, fi
     grown = run_evaluation(spec_from_dict(raw_spec(fixture, methods=methods)), out, progress=False)
     assert grown["stages"] - grown["cached"] == 2 * len(SETS)  # om's method and metrics stages per forget set
     assert sum(r["method"] == "om" for r in grown["rows"]) == len(SETS)
+
+
+def test_the_report_names_the_stages_other_code_computed(evaluated, fixture, tmp_path):
+    source, first = evaluated
+    current = code_fingerprint()
+    assert first["code"]["other"] == {} and json.loads((source / "results.json").read_text())["code"] == current
+    assert (source / "report.md").read_text().rstrip().endswith("computed every stage.")
+    out = tmp_path / "out"
+    shutil.copytree(source / "cache", out / "cache")
+    stages, _ = experiment_stages(spec_from_dict(raw_spec(fixture)), out)
+    paths = stage_paths(stages, out / "cache")
+    for name, code in (("oracles[random:10:0]", "a" * 64), ("originals", None)):  # an upgrade; a pre-fingerprint cache
+        marker = json.loads((paths[name] / DONE).read_text())
+        marker["code"] = code
+        (paths[name] / DONE).write_text(json.dumps({k: v for k, v in marker.items() if v is not None}))
+    result = run_evaluation(spec_from_dict(raw_spec(fixture)), out, progress=False)
+    assert result["cached"] == result["stages"]
+    assert result["code"]["other"] == {"oracles[random:10:0]": "a" * 64, "originals": "unrecorded"}
+    assert json.loads((out / "results.json").read_text())["stages_by_other_code"] == result["code"]["other"]
+    assert (f"but 2 of {result['stages']} stages were computed by other code (`aaaaaaaaaaaa`: 1, `unrecorded`: 1)"
+            in (out / "report.md").read_text())
+    assert [r["klom95_forget"] for r in result["rows"]] == [r["klom95_forget"] for r in first["rows"]]
+
+
+def test_the_cli_says_when_other_code_computed_stages(monkeypatch, capsys, tmp_path):
+    from argparse import Namespace
+    from cluster import commands_evaluate, evaluate
+    note = "Code `cccccccccccc` (sha256 of the pipeline's sources) read this cache, but 1 of 9 stages ..."
+    canned = {"rows": [], "stages": 9, "cached": 9, "seconds": 1.0, "peak_rss_bytes": 0}
+    monkeypatch.setattr("cluster.eval_spec.load_spec", lambda path: None)
+    for other, shown in (({"originals": "unrecorded"}, True), ({}, False)):
+        monkeypatch.setattr(evaluate, "run_evaluation",
+                            lambda *a, **k: {**canned, "code": {"fingerprint": "c" * 64, "other": other, "note": note}})
+        assert commands_evaluate.evaluate_cmd(Namespace(config="x", out=str(tmp_path), address=None,
+                                                        trust_code=False)) == 0
+        assert (note in capsys.readouterr().out) == shown
 
 
 def test_a_diverged_model_is_counted_and_left_out_of_every_metric(evaluated, fixture, tmp_path):

@@ -105,11 +105,12 @@ def _execute(function: StageFunction, stage: Stage, path: str, *parent_paths: st
         return path
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
+    code = code_fingerprint()  # before the stage runs: nearest to when this worker imported the pipeline
     start = time.perf_counter()
     try:
         function(stage.config, tmp, {role: Path(p) for role, p in zip(sorted(stage.parents), parent_paths)})
         (tmp / DONE).write_text(json.dumps({"stage": stage.name, "seconds": round(time.perf_counter() - start, 3),
-                                            "code": code_fingerprint()}))
+                                            "code": code}))
         if final.exists():  # a half-written directory of an earlier, interrupted attempt
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.klom_noise import quantiles, split_scores  # noqa: E402
-from cluster.eval_report import GROUPS, slug  # noqa: E402
+from cluster.eval_report import GROUPS, read_groups, slug  # noqa: E402
 
 
 class Report:
@@ -59,8 +59,8 @@ class Report:
         return np.load(path).astype(np.float64)
 
     def groups(self, forget_set: str) -> dict[str, np.ndarray]:
-        raw = json.loads((self.root / slug(forget_set) / "groups.json").read_text())
-        return {g: np.asarray(raw[g]) for g in GROUPS}
+        groups = read_groups(self.root / slug(forget_set))
+        return {g: groups[g] for g in GROUPS}
 
 
 def crossed_square(a: np.ndarray, b: np.ndarray, shared_var, sd: np.ndarray) -> np.ndarray:

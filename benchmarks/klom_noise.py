@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.eval_report import GROUPS, slug  # noqa: E402
+from cluster.eval_report import GROUPS, read_groups, slug  # noqa: E402
 from matching.klom import DIRECTIONS, klom, klom_summary  # noqa: E402
 
 SAMPLES = ("oracle", "floor")  # the report's two samples of retrained models
@@ -73,7 +73,7 @@ def quantiles(values: np.ndarray) -> dict:
 
 def set_readout(folder: Path, methods: list[str] | None, versus: str, splits: int, seed: int,
                 direction: str = DIRECTIONS[0], models: int | None = None) -> dict:
-    groups = {g: np.asarray(v) for g, v in json.loads((folder / "groups.json").read_text()).items()}
+    groups = read_groups(folder)
     oracle, floor = (np.load(folder / f"{name}.npy") for name in SAMPLES)
     names = methods or sorted(p.stem for p in folder.glob("*.npy") if p.stem not in SAMPLES)
     missing = [m for m in names + [versus] if not (folder / f"{m}.npy").exists()]

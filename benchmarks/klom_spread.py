@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.eval_report import GROUPS, slug  # noqa: E402
+from cluster.eval_report import GROUPS, read_groups, slug  # noqa: E402
 from matching.klom import DIRECTIONS, klom, spread_ratio  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     folder = args.report / "margins" / slug(args.set)
     if not (folder / "oracle.npy").exists():
         raise SystemExit(f"error: no saved margins in {folder}; pass a report folder and a forget set it ran")
-    groups = {g: np.asarray(v) for g, v in json.loads((folder / "groups.json").read_text()).items()}
+    groups = read_groups(folder)
     oracle = np.load(folder / "oracle.npy")
     rng = np.random.default_rng(0)
     rows = {}

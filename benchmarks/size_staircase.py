@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.eval_plots import _pyplot, _save  # noqa: E402
+from cluster.eval_report import read_groups  # noqa: E402
 
 POPULATIONS = ("nothing", "oracle", "floor", "dm-direct")
 
@@ -36,7 +37,7 @@ def read_set(folder: Path) -> dict:
     if missing:
         raise SystemExit(f"error: {folder} has no {', '.join(missing)}.npy; run `dmm evaluate` with `nothing`, "
                          "`retrain` and `dm-direct` in methods")
-    groups = json.loads((folder / "groups.json").read_text())
+    groups = read_groups(folder)
     return {"forget": np.asarray(groups["forget"]), "n_train": len(groups["forget"]) + len(groups["retain"]),
             **{p: np.load(folder / f"{p}.npy").astype(np.float64) for p in POPULATIONS}}
 

@@ -100,3 +100,8 @@ def write_margins(out: Path, forget_set: str, margins: dict[str, np.ndarray], gr
     for name, values in margins.items():
         np.save(folder / f"{name}.npy", np.asarray(values, dtype=np.float32))
     (folder / "groups.json").write_text(json.dumps({g: np.asarray(v).tolist() for g, v in groups.items()}))
+
+
+def read_groups(folder: Path) -> dict[str, np.ndarray]:
+    """The point ids of each group that `write_margins` saved in a margins/<set>/ folder."""
+    return {g: np.asarray(v) for g, v in json.loads((folder / "groups.json").read_text()).items()}

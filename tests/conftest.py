@@ -91,13 +91,16 @@ def ray_session(ray_token):
     """One local Ray for every test (2 CPUs, 100 MB object store, no dashboard); yields its address.
 
     Token auth is on (Ray's default for a local start, token from `ray_token`); workers can import
-    the project and `tests.*` modules.
+    the project and `tests.*` modules. Workers' and the raylet's log lines stay in Ray's log files
+    (`log_to_driver=False`): forwarded, they land in this process's stderr at any moment (e.g. the
+    raylet's "disk over 95% full" warning), inside the one-line errors that tests read there.
     """
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
-                 logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                 logging_level=logging.WARNING, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
